@@ -1,0 +1,92 @@
+"""Every metric the agent exports, defined in one place.
+
+Names follow Prometheus conventions: one prefix, base units (seconds, bytes), `_total` counters.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+P = "flox_node_cache"
+
+# Latency buckets from a sendfile'd narinfo (~100 us) to a slow upstream NAR (minutes).
+LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+           60, 120, 300)
+UPSTREAM_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+GIT_LATENCY = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+GC_LATENCY = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
+
+BUILD_INFO = Info(f"{P}_build", "Version of the running agent")
+
+# --- serving ---------------------------------------------------------------------------------
+HTTP_REQUESTS = Counter(f"{P}_http_requests_total", "HTTP requests answered",
+                        ["listener", "endpoint", "method", "code"])
+HTTP_DURATION = Histogram(f"{P}_http_request_duration_seconds",
+                          "Time to answer an HTTP request (until the body is sent)",
+                          ["endpoint"], buckets=LATENCY)
+LOOKUPS = Counter(f"{P}_lookups_total",
+                  "Cache lookups by kind (narinfo, nar) and where the answer came from: local "
+                  "(hit), upstream (miss that fetched), coalesced (miss that joined a fetch "
+                  "in flight), not_found, error",
+                  ["kind", "source"])
+SERVED_BYTES = Counter(f"{P}_served_bytes_total",
+                       "Bytes of NARs sent to clients, by source (local store or streamed from "
+                       "an upstream fetch)", ["source"])
+COALESCED_WAITERS = Gauge(f"{P}_coalesced_waiters",
+                          "Clients currently waiting on a fetch another request started")
+BYTES_AVOIDED = Counter(f"{P}_upstream_bytes_avoided_total",
+                        "Upstream bytes a client would have fetched without this cache")
+SECONDS_AVOIDED = Counter(f"{P}_cold_start_seconds_avoided_total",
+                          "Download seconds saved for clients, estimated from the measured "
+                          "upstream throughput")
+
+# --- upstream --------------------------------------------------------------------------------
+UPSTREAM_REQUESTS = Counter(f"{P}_upstream_requests_total", "Requests sent to upstream caches",
+                            ["upstream", "kind", "code"])
+UPSTREAM_ERRORS = Counter(f"{P}_upstream_errors_total",
+                          "Upstream requests that failed (timeouts, 5xx, resets, open circuit)",
+                          ["upstream", "reason"])
+UPSTREAM_DURATION = Histogram(f"{P}_upstream_request_duration_seconds",
+                              "Upstream request time, until the last byte",
+                              ["upstream", "kind"], buckets=UPSTREAM_LATENCY)
+UPSTREAM_BYTES = Counter(f"{P}_upstream_received_bytes_total",
+                         "Bytes received from upstream caches", ["upstream"])
+UPSTREAM_THROUGHPUT = Gauge(f"{P}_upstream_throughput_bytes_per_second",
+                            "Moving average of upstream NAR download throughput", ["upstream"])
+CIRCUIT_OPEN = Gauge(f"{P}_upstream_circuit_open",
+                     "1 while the circuit breaker keeps an upstream out of use", ["upstream"])
+VERIFY_FAILURES = Counter(f"{P}_verification_failures_total",
+                          "Upstream or stored data rejected by verification", ["reason"])
+
+# --- store -----------------------------------------------------------------------------------
+STORE_BYTES = Gauge(f"{P}_store_used_bytes", "Bytes of committed NARs in the store")
+STORE_BUDGET = Gauge(f"{P}_store_budget_bytes", "Size budget of the store")
+STORE_ENTRIES = Gauge(f"{P}_store_entries", "Committed entries in the store", ["kind"])
+STORE_PINNED = Gauge(f"{P}_store_pinned_bytes", "Bytes of NARs held by pins")
+STORE_WRITE_ERRORS = Counter(f"{P}_store_write_errors_total",
+                             "Store writes that failed (disk full, I/O error)", ["reason"])
+STORE_DISK_FULL = Gauge(f"{P}_store_disk_full", "1 while the store's filesystem refuses writes")
+EVICTIONS = Counter(f"{P}_evictions_total", "Entries removed to stay within the budget",
+                    ["kind"])
+EVICTED_BYTES = Counter(f"{P}_evicted_bytes_total", "Bytes removed to stay within the budget")
+GC_DURATION = Histogram(f"{P}_gc_duration_seconds", "Duration of an eviction pass",
+                        buckets=GC_LATENCY)
+SCRUBBED_BYTES = Counter(f"{P}_scrubbed_bytes_total", "Bytes re-hashed by the background scrub")
+
+# --- prefetch --------------------------------------------------------------------------------
+PREWARM_JOBS = Counter(f"{P}_prewarm_jobs_total", "Finished prewarm jobs by outcome",
+                       ["outcome"])
+PREFETCHED_PATHS = Counter(f"{P}_prefetched_paths_total", "Store paths fetched by prefetch")
+PREFETCHED_BYTES = Counter(f"{P}_prefetched_bytes_total", "NAR bytes fetched by prefetch")
+PREWARM_PROGRESS = Gauge(f"{P}_prewarm_progress_ratio",
+                         "Share of an environment's closure bytes present on this node",
+                         ["environment"])
+PREWARM_REMAINING = Gauge(f"{P}_prewarm_remaining_bytes",
+                          "Bytes of an environment's closure still to fetch", ["environment"])
+
+# --- FloxHub and Kubernetes ------------------------------------------------------------------
+FLOXHUB_RESOLVE = Histogram(f"{P}_floxhub_resolve_duration_seconds",
+                            "Time to resolve an environment reference through FloxHub's git",
+                            ["outcome"], buckets=GIT_LATENCY)
+GENERATION_CHANGES = Counter(f"{P}_floxhub_generation_changes_total",
+                             "New live generations noticed by the generation watch")
+KUBE_WATCH_RESTARTS = Counter(f"{P}_kube_watch_restarts_total",
+                              "Kubernetes watches restarted", ["resource", "reason"])

@@ -1,0 +1,1 @@
+"""The Nix formats: pure functions, no I/O."""
