@@ -1,0 +1,1 @@
+"""Flox environments: lockfiles, FloxHub over git, and the generation watch."""
