@@ -10,11 +10,11 @@ Session-scoped (built once, shared; treat as read-only):
                         (nix-cache-info, <hash>.narinfo, nar/<filehash>.nar.xz).
 
 Function-scoped:
-  upstream           -- a started UpstreamServer over published_cache (fresh counts, no
+  upstream_server    -- a started UpstreamServer over published_cache (fresh counts, no
                         faults), stopped after the test.
   cold_root          -- an empty dir to use as a cold node's chroot store (nix_copy dest).
 
-Be a pod: `nix_copy(upstream.url, cold_root, small_closure.roots, [signing_key[1]])`.
+Be a pod: `nix_copy(upstream_server.url, cold_root, small_closure.roots, [signing_key[1]])`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def published_cache(nix_workdir: Path, signing_key: tuple[Path, str], small_clos
 
 
 @pytest.fixture
-def upstream(published_cache: Path) -> Iterator[UpstreamServer]:
+def upstream_server(published_cache: Path) -> Iterator[UpstreamServer]:
     with UpstreamServer(published_cache) as server:
         yield server
 

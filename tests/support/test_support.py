@@ -110,47 +110,47 @@ def test_published_narinfos_are_signed_and_hashed(
 
 
 def test_nix_copy_from_upstream_fills_a_cold_root(
-        upstream: UpstreamServer, cold_root: Path, small_closure: Closure,
+        upstream_server: UpstreamServer, cold_root: Path, small_closure: Closure,
         signing_key: tuple[Path, str], published_cache: Path, tmp_path: Path) -> None:
-    proc = nix_copy(upstream.url, cold_root, small_closure.roots, [signing_key[1]])
+    proc = nix_copy(upstream_server.url, cold_root, small_closure.roots, [signing_key[1]])
     assert proc.returncode == 0, proc.stderr
     assert all(path_valid_in(cold_root, p) for p in small_closure.paths)
     assert store_paths_of(small_closure.roots[0], cold_root) == small_closure.paths
     assert not path_valid_in(tmp_path / "elsewhere", small_closure.roots[0])
-    counts = upstream.counts
+    counts = upstream_server.counts
     assert counts["/nix-cache-info"] >= 1
     for path in small_closure.paths:
         assert counts[f"/{hash_part(path)}.narinfo"] >= 1
         assert counts[nar_url_of(published_cache, path)] == 1
-    assert upstream.count("/nar/*") == len(small_closure.paths)
-    upstream.reset_counts()
-    assert upstream.counts == {}
+    assert upstream_server.count("/nar/*") == len(small_closure.paths)
+    upstream_server.reset_counts()
+    assert upstream_server.counts == {}
 
 
 def test_nix_copy_requires_a_trusted_signature(
-        upstream: UpstreamServer, cold_root: Path, small_closure: Closure,
+        upstream_server: UpstreamServer, cold_root: Path, small_closure: Closure,
         signing_key: tuple[Path, str]) -> None:
     stranger = "stranger-1:" + signing_key[1].split(":", 1)[1]
-    proc = nix_copy(upstream.url, cold_root, small_closure.roots, [stranger])
+    proc = nix_copy(upstream_server.url, cold_root, small_closure.roots, [stranger])
     assert proc.returncode != 0
     assert "lacks a valid signature" in proc.stderr
 
 
 def test_nix_copy_fails_on_a_tampered_nar(
-        upstream: UpstreamServer, cold_root: Path, small_closure: Closure,
+        upstream_server: UpstreamServer, cold_root: Path, small_closure: Closure,
         signing_key: tuple[Path, str]) -> None:
-    upstream.set_fault("/nar/*", Fault("tamper"))
-    proc = nix_copy(upstream.url, cold_root, small_closure.roots, [signing_key[1]],
+    upstream_server.set_fault("/nar/*", Fault("tamper"))
+    proc = nix_copy(upstream_server.url, cold_root, small_closure.roots, [signing_key[1]],
                     extra_config=QUICK)
     assert proc.returncode != 0
     assert not path_valid_in(cold_root, small_closure.roots[0])
 
 
 def test_nix_copy_rejects_a_bad_signature(
-        upstream: UpstreamServer, cold_root: Path, small_closure: Closure,
+        upstream_server: UpstreamServer, cold_root: Path, small_closure: Closure,
         signing_key: tuple[Path, str]) -> None:
-    upstream.set_fault("*.narinfo", Fault("bad_signature"))
-    proc = nix_copy(upstream.url, cold_root, small_closure.roots, [signing_key[1]],
+    upstream_server.set_fault("*.narinfo", Fault("bad_signature"))
+    proc = nix_copy(upstream_server.url, cold_root, small_closure.roots, [signing_key[1]],
                     extra_config=QUICK)
     assert proc.returncode != 0
     assert "lacks a valid signature" in proc.stderr
@@ -165,14 +165,15 @@ def test_nix_copy_from_a_dead_upstream_fails(cold_root: Path, small_closure: Clo
 
 
 async def test_nix_copy_async_succeeds_and_times_out(
-        upstream: UpstreamServer, cold_root: Path, tmp_path: Path, small_closure: Closure,
+        upstream_server: UpstreamServer, cold_root: Path, tmp_path: Path, small_closure: Closure,
         signing_key: tuple[Path, str]) -> None:
-    proc = await nix_copy_async(upstream.url, cold_root, small_closure.roots, [signing_key[1]])
+    proc = await nix_copy_async(upstream_server.url, cold_root, small_closure.roots,
+                                [signing_key[1]])
     assert proc.returncode == 0, proc.stderr
     assert path_valid_in(cold_root, small_closure.roots[0])
-    upstream.set_fault("/nar/*", Fault("stall"))
+    upstream_server.set_fault("/nar/*", Fault("stall"))
     with pytest.raises(subprocess.TimeoutExpired):
-        await nix_copy_async(upstream.url, tmp_path / "stalled", small_closure.roots,
+        await nix_copy_async(upstream_server.url, tmp_path / "stalled", small_closure.roots,
                              [signing_key[1]], timeout=1.5)
 
 
@@ -193,49 +194,49 @@ def nar(published_cache: Path, small_closure: Closure) -> tuple[str, bytes]:
 
 
 async def test_serves_files_with_types_and_head(
-        upstream: UpstreamServer, small_closure: Closure, nar: tuple[str, bytes]) -> None:
+        upstream_server: UpstreamServer, small_closure: Closure, nar: tuple[str, bytes]) -> None:
     info_path = f"/{hash_part(small_closure.roots[0])}.narinfo"
-    status, headers, body = await fetch(upstream.url + info_path)
+    status, headers, body = await fetch(upstream_server.url + info_path)
     assert (status, headers["Content-Type"]) == (200, "text/x-nix-narinfo")
     assert narinfo.parse(body.decode()).store_path.path() == small_closure.roots[0]
-    status, headers, body = await fetch(upstream.url + nar[0], "HEAD")
+    status, headers, body = await fetch(upstream_server.url + nar[0], "HEAD")
     assert (status, body) == (200, b"")
     assert headers["Content-Type"] == "application/x-nix-nar"
     assert int(headers["Content-Length"]) == len(nar[1])
-    assert (await fetch(upstream.url + "/" + "0" * 32 + ".narinfo"))[0] == 404
-    assert (await fetch(upstream.url + "/../../etc/passwd"))[0] == 404
-    assert upstream.counts[nar[0]] == 1
+    assert (await fetch(upstream_server.url + "/" + "0" * 32 + ".narinfo"))[0] == 404
+    assert (await fetch(upstream_server.url + "/../../etc/passwd"))[0] == 404
+    assert upstream_server.counts[nar[0]] == 1
 
 
-async def test_status_fault_applies_times(upstream: UpstreamServer,
+async def test_status_fault_applies_times(upstream_server: UpstreamServer,
                                           nar: tuple[str, bytes]) -> None:
-    upstream.set_fault("/nar/*.xz", Fault("status", code=503, times=2))
-    statuses = [(await fetch(upstream.url + nar[0]))[0] for _ in range(3)]
+    upstream_server.set_fault("/nar/*.xz", Fault("status", code=503, times=2))
+    statuses = [(await fetch(upstream_server.url + nar[0]))[0] for _ in range(3)]
     assert statuses == [503, 503, 200]
-    upstream.set_fault("/nar/*", Fault("status", code=500))
-    upstream.clear_faults()
-    assert (await fetch(upstream.url + nar[0]))[0] == 200
-    assert upstream.counts[nar[0]] == 4
+    upstream_server.set_fault("/nar/*", Fault("status", code=500))
+    upstream_server.clear_faults()
+    assert (await fetch(upstream_server.url + nar[0]))[0] == 200
+    assert upstream_server.counts[nar[0]] == 4
 
 
-async def test_body_faults(upstream: UpstreamServer, nar: tuple[str, bytes]) -> None:
+async def test_body_faults(upstream_server: UpstreamServer, nar: tuple[str, bytes]) -> None:
     url, good = nar
-    upstream.set_fault(url, Fault("tamper", times=1))
-    _, _, body = await fetch(upstream.url + url)
+    upstream_server.set_fault(url, Fault("tamper", times=1))
+    _, _, body = await fetch(upstream_server.url + url)
     assert len(body) == len(good)
     assert sum(a != b for a, b in zip(body, good, strict=True)) == 1
-    upstream.set_fault(url, Fault("truncate", times=1))
-    _, headers, body = await fetch(upstream.url + url)
+    upstream_server.set_fault(url, Fault("truncate", times=1))
+    _, headers, body = await fetch(upstream_server.url + url)
     assert body == good[: len(good) // 2]
     assert int(headers["Content-Length"]) == len(good) // 2
-    assert (await fetch(upstream.url + url))[2] == good
+    assert (await fetch(upstream_server.url + url))[2] == good
 
 
-async def test_bad_signature_fault(upstream: UpstreamServer, small_closure: Closure,
+async def test_bad_signature_fault(upstream_server: UpstreamServer, small_closure: Closure,
                                    signing_key: tuple[Path, str]) -> None:
     key = PublicKey.parse(signing_key[1])
-    info_url = f"{upstream.url}/{hash_part(small_closure.roots[0])}.narinfo"
-    upstream.set_fault("*.narinfo", Fault("bad_signature", times=1))
+    info_url = f"{upstream_server.url}/{hash_part(small_closure.roots[0])}.narinfo"
+    upstream_server.set_fault("*.narinfo", Fault("bad_signature", times=1))
     bad = narinfo.parse((await fetch(info_url))[2].decode())
     good = narinfo.parse((await fetch(info_url))[2].decode())
     assert verified_by(good, [key]) == key
@@ -249,23 +250,23 @@ async def test_bad_signature_fault(upstream: UpstreamServer, small_closure: Clos
     ("reset", aiohttp.ClientError),
     ("wrong_length", aiohttp.ClientPayloadError),
 ])
-async def test_broken_transfers(upstream: UpstreamServer, nar: tuple[str, bytes], kind: str,
+async def test_broken_transfers(upstream_server: UpstreamServer, nar: tuple[str, bytes], kind: str,
                                 error: type[BaseException]) -> None:
-    upstream.set_fault(nar[0], Fault(kind))  # type: ignore[arg-type]
+    upstream_server.set_fault(nar[0], Fault(kind))  # type: ignore[arg-type]
     start = time.monotonic()
     with pytest.raises(error):
-        await fetch(upstream.url + nar[0])
+        await fetch(upstream_server.url + nar[0])
     assert time.monotonic() - start < 3
 
 
-async def test_slow_answers(upstream: UpstreamServer, nar: tuple[str, bytes]) -> None:
-    upstream.set_fault(nar[0], Fault("drip", chunk=len(nar[1]) // 10 + 1, delay=0.05))
+async def test_slow_answers(upstream_server: UpstreamServer, nar: tuple[str, bytes]) -> None:
+    upstream_server.set_fault(nar[0], Fault("drip", chunk=len(nar[1]) // 10 + 1, delay=0.05))
     start = time.monotonic()
-    assert (await fetch(upstream.url + nar[0]))[2] == nar[1]
+    assert (await fetch(upstream_server.url + nar[0]))[2] == nar[1]
     assert time.monotonic() - start >= 0.45
-    upstream.set_fault(nar[0], Fault("delay", delay=0.3))
+    upstream_server.set_fault(nar[0], Fault("delay", delay=0.3))
     start = time.monotonic()
-    assert (await fetch(upstream.url + nar[0]))[2] == nar[1]
+    assert (await fetch(upstream_server.url + nar[0]))[2] == nar[1]
     assert time.monotonic() - start >= 0.3
 
 

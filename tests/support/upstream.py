@@ -58,6 +58,13 @@ class Fault:
             raise ValueError(f"unknown fault kind {self.kind!r}")
 
 
+@dataclass
+class _Armed:
+    pattern: str
+    fault: Fault
+    remaining: int | None
+
+
 # Sockets bound but never listening: connecting to them is refused, and nobody else can
 # take their port while this process lives.
 _DEAD_SOCKETS: list[socket.socket] = []
@@ -111,8 +118,7 @@ class UpstreamServer:
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
         self._requests: list[tuple[str, str]] = []
-        # [pattern, fault, remaining or None], first match wins.
-        self._faults: list[list] = []
+        self._faults: list[_Armed] = []  # first match wins
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -208,8 +214,8 @@ class UpstreamServer:
     def set_fault(self, path_pattern: str, fault: Fault) -> None:
         """Apply `fault` to requests whose path matches `path_pattern` (replaces same pattern)."""
         with self._lock:
-            self._faults = [f for f in self._faults if f[0] != path_pattern]
-            self._faults.append([path_pattern, fault, fault.times])
+            self._faults = [f for f in self._faults if f.pattern != path_pattern]
+            self._faults.append(_Armed(path_pattern, fault, fault.times))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -221,13 +227,12 @@ class UpstreamServer:
             if method in ("GET", "HEAD"):
                 self._counts[path] += 1
             self._requests.append((method, path))
-            for entry in self._faults:
-                pattern, fault, remaining = entry
-                if not fnmatch.fnmatchcase(path, pattern) or remaining == 0:
+            for armed in self._faults:
+                if armed.remaining == 0 or not fnmatch.fnmatchcase(path, armed.pattern):
                     continue
-                if remaining is not None:
-                    entry[2] = remaining - 1
-                return fault
+                if armed.remaining is not None:
+                    armed.remaining -= 1
+                return armed.fault
         return None
 
     # --- serving ---------------------------------------------------------------------
