@@ -160,6 +160,18 @@ def path_nar_sizes(root: str) -> dict[str, int]:
     return {entry["path"]: int(entry["narSize"]) for entry in info}
 
 
+def hash_part(path: str) -> str:
+    """The 32-character hash part of a store path (the narinfo's name in a binary cache)."""
+    return Path(path).name.split("-", 1)[0]
+
+
+def nar_request_path(cache_dir: Path, path: str) -> str:
+    """The request path (e.g. `/nar/<filehash>.nar.xz`) of `path`'s NAR in a published cache."""
+    text = (Path(cache_dir) / f"{hash_part(path)}.narinfo").read_text()
+    url = next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+    return "/" + url.strip()
+
+
 def make_keypair(directory: Path, name: str) -> tuple[Path, str]:
     """Generate a binary cache key pair; return (secret key file, public key text)."""
     directory = Path(directory)

@@ -18,6 +18,8 @@ from tests.conftest import SMALL_SIZES
 from tests.support.nixenv import (
     Closure,
     build_closure,
+    hash_part,
+    nar_request_path,
     nix_copy,
     nix_copy_async,
     nix_env,
@@ -38,16 +40,8 @@ def references(path: str) -> list[str]:
     return sorted(out.split())
 
 
-def hash_part(path: str) -> str:
-    return Path(path).name.split("-", 1)[0]
-
-
 def read_narinfo(cache: Path, path: str) -> narinfo.NarInfo:
     return narinfo.parse((cache / f"{hash_part(path)}.narinfo").read_text())
-
-
-def nar_url_of(cache: Path, path: str) -> str:
-    return "/" + read_narinfo(cache, path).url
 
 
 # --- nixenv: building and publishing ---------------------------------------------------
@@ -121,7 +115,7 @@ def test_nix_copy_from_upstream_fills_a_cold_root(
     assert counts["/nix-cache-info"] >= 1
     for path in small_closure.paths:
         assert counts[f"/{hash_part(path)}.narinfo"] >= 1
-        assert counts[nar_url_of(published_cache, path)] == 1
+        assert counts[nar_request_path(published_cache, path)] == 1
     assert upstream_server.count("/nar/*") == len(small_closure.paths)
     upstream_server.reset_counts()
     assert upstream_server.counts == {}
@@ -189,7 +183,7 @@ async def fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], byt
 @pytest.fixture
 def nar(published_cache: Path, small_closure: Closure) -> tuple[str, bytes]:
     """(request path, bytes) of the 200 kB NAR."""
-    url = nar_url_of(published_cache, small_closure.roots[0])
+    url = nar_request_path(published_cache, small_closure.roots[0])
     return url, (published_cache / url.lstrip("/")).read_bytes()
 
 
