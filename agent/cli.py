@@ -1,0 +1,129 @@
+"""The command line: run, prewarm, status, gc, verify. Thin: parse, call, print.
+
+Exit codes: 0 success, 1 the operation failed (a failed prewarm, damage found), 2 usage or
+configuration error, 3 the agent could not be reached.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.config import ConfigError, load
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--config", type=Path, metavar="FILE",
+      help="TOML configuration file (keys as the long options, with - or _)")
+    a("--store", type=Path, metavar="DIR", help="store directory, a valid file:// binary cache "
+      "(default ./var/store)")
+    a("--socket", type=Path, metavar="PATH", help="Unix socket: cache protocol and admin API "
+      "(default ./var/run/agent.sock)")
+    a("--socket-group", metavar="GROUP", help="group owning the 0660 socket")
+    a("--listen", metavar="HOST:PORT", help="loopback cache listener, read-only "
+      "(default 127.0.0.1:37515)")
+    a("--metrics-listen", metavar="HOST:PORT", help="/metrics, /healthz, /readyz "
+      "(default 127.0.0.1:37516)")
+    a("--upstream", dest="upstreams", action="append", metavar="URL",
+      help="upstream binary cache, repeatable, in priority order "
+      "(default cache.nixos.org, cache.flox.dev)")
+    a("--trusted-public-key", dest="trusted_public_keys", action="append", metavar="NAME:KEY",
+      help="key whose signatures upstream narinfos must carry, repeatable "
+      "(default the keys of the default upstreams)")
+    a("--no-require-signatures", dest="require_signatures", action="store_const", const=False,
+      help="accept unsigned upstream narinfos (NarHash is still verified)")
+    a("--signing-key-file", type=Path, metavar="FILE",
+      help="secret key (nix-store --generate-binary-cache-key) to add our own signature")
+    a("--priority", type=int, help="Priority in nix-cache-info; lower is preferred (default 10)")
+    a("--store-budget", metavar="SIZE|PCT", help="store size budget: 50G, or 80%% of the "
+      "filesystem (default 80%%)")
+    a("--gc-high-watermark", type=float, metavar="RATIO",
+      help="start evicting above this share of the budget (default 0.95)")
+    a("--gc-low-watermark", type=float, metavar="RATIO",
+      help="evict down to this share of the budget (default 0.85)")
+    a("--scrub-interval", type=float, metavar="SECONDS",
+      help="seconds between background re-hash passes, 0 to disable (default 3600)")
+    a("--scrub-rate", metavar="SIZE", help="bytes per second the scrub may read (default 20M)")
+    a("--recompress", choices=("zstd", "none"),
+      help="re-encode ingested NARs to zstd for faster client unpacking (default zstd)")
+    a("--recompress-level", type=int, metavar="N", help="zstd level (default 3)")
+    a("--upstream-connect-timeout", type=float, metavar="SECONDS", help="default 5")
+    a("--upstream-read-timeout", type=float, metavar="SECONDS",
+      help="longest silence in an upstream response (default 30)")
+    a("--upstream-narinfo-timeout", type=float, metavar="SECONDS",
+      help="whole upstream narinfo request (default 10)")
+    a("--circuit-failures", type=int, metavar="N",
+      help="consecutive errors that take an upstream out of use (default 3)")
+    a("--circuit-cooldown", type=float, metavar="SECONDS",
+      help="how long an upstream stays out of use (default 30)")
+    a("--negative-ttl", type=float, metavar="SECONDS",
+      help="how long a path no upstream has is remembered as missing (default 30)")
+    a("--prefetch-concurrency", type=int, metavar="N", help="parallel fetches per prewarm "
+      "(default 8)")
+    a("--floxhub-git-url", metavar="URL",
+      help="FloxHub git base; remotes are URL/<owner>/floxmeta (default https://api.flox.dev/git)")
+    a("--floxhub-token-file", type=Path, metavar="FILE",
+      help="file holding a FloxHub token for private environments (never logged)")
+    a("--generation-watch-interval", type=float, metavar="SECONDS",
+      help="how often environments in use are checked for a new generation (default 60)")
+    a("--system", help="Nix system of this node (default: detected, e.g. x86_64-linux)")
+    a("--kubernetes", choices=("auto", "on", "off"),
+      help="watch the Kubernetes API: auto = when in a cluster or --kubeconfig is given")
+    a("--kubeconfig", type=Path, metavar="FILE", help="kubeconfig (default in-cluster)")
+    a("--node-name", metavar="NAME", help="this node's name (default $NODE_NAME)")
+    a("--log-format", choices=("text", "json"), help="default text")
+    a("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flox-node-cache",
+        description="Node-local Nix binary cache for Flox pods. Every run option can also be "
+        "set as FLOX_NODE_CACHE_<OPTION> (e.g. FLOX_NODE_CACHE_STORE_BUDGET=50G) or in the "
+        "--config file; flags win over the environment, which wins over the file.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage/configuration error, 3 agent unreachable")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the agent", description="Run the agent until "
+                         "SIGTERM/SIGINT.")
+    _run_options(run)
+    return p
+
+
+def _config(args: argparse.Namespace) -> "object":
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    return load(args.config, flags)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.app import serve
+
+    cfg = _config(args)
+    logs.setup(cfg.log_format, cfg.log_level)  # type: ignore[attr-defined]
+    try:
+        import uvloop
+
+        uvloop.run(serve(cfg))  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"flox-node-cache: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

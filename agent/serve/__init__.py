@@ -1,0 +1,1 @@
+"""HTTP endpoints: the Nix binary cache protocol, health, and the admin API."""

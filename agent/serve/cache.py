@@ -1,0 +1,128 @@
+"""The Nix binary cache protocol, read-only: /nix-cache-info, /<hash>.narinfo, /nar/<file>.
+
+Only names this store could have written are looked at (a 32-char nix32 hash, or nar/<52-char
+nix32>.nar<ext>); anything else is 404 before any filesystem access.
+"""
+
+import logging
+
+from aiohttp import web
+
+from agent import metrics
+from agent.nix.storepath import is_hash_part
+from agent.runtime import Agent
+from agent.store.layout import is_nar_file
+from agent.upstream.client import UpstreamError
+from agent.upstream.fetch import StoreFull, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+NARINFO_TYPE = "text/x-nix-narinfo"
+NAR_TYPE = "application/x-nix-nar"
+
+
+def routes(agent: Agent) -> list[web.RouteDef]:
+    async def cache_info(request: web.Request) -> web.Response:
+        return web.Response(text=agent.store.cache_info(), content_type="text/x-nix-cache-info")
+
+    async def narinfo(request: web.Request) -> web.StreamResponse:
+        hash_part = request.match_info["hash"]
+        if not is_hash_part(hash_part):
+            raise web.HTTPNotFound(text="not a store path hash\n")
+        try:
+            found = await agent.fetcher.lookup(hash_part)
+        except UpstreamUnavailable as e:
+            metrics.LOOKUPS.labels("narinfo", "error").inc()
+            return _unavailable(str(e))
+        metrics.LOOKUPS.labels("narinfo", found.source).inc()
+        if found.row is None:
+            raise web.HTTPNotFound(text="not in this cache or its upstreams\n")
+        return web.Response(text=found.row.text, content_type=NARINFO_TYPE)
+
+    async def nar(request: web.Request) -> web.StreamResponse:
+        file = "nar/" + request.match_info["file"]
+        if not is_nar_file(file):
+            raise web.HTTPNotFound(text="not a NAR file name\n")
+        row = agent.store.nar(file)
+        if row is None:
+            metrics.LOOKUPS.labels("nar", "not_found").inc()
+            raise web.HTTPNotFound(text="unknown NAR: fetch its narinfo first\n")
+        if row.committed:
+            return await _local_nar(agent, request, file, row.file_size or 0)
+        if request.method == "HEAD":
+            return web.Response(headers=_nar_headers(row.file_size))
+        try:
+            transfer, joined = agent.fetcher.transfer(row)
+        except UpstreamUnavailable as e:
+            metrics.LOOKUPS.labels("nar", "error").inc()
+            return _unavailable(str(e))
+        metrics.LOOKUPS.labels("nar", "coalesced" if joined else "upstream").inc()
+        return await _stream_nar(agent, request, transfer, joined, row.file_size)
+
+    return [
+        web.get("/nix-cache-info", cache_info),
+        web.get("/{hash:[^/.]+}.narinfo", narinfo),
+        web.get("/nar/{file:[^/]+}", nar),
+    ]
+
+
+def _nar_headers(size: int | None) -> dict[str, str]:
+    headers = {"Content-Type": NAR_TYPE}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return headers
+
+
+def _unavailable(reason: str) -> web.Response:
+    # 503, never 404: a 404 would be cached by the Nix client for an hour.
+    log.warning("upstream unavailable", extra={"fields": {"error": reason}})
+    return web.Response(status=503, text="upstream unavailable; try again\n",
+                        headers={"Retry-After": "5"})
+
+
+async def _local_nar(agent: Agent, request: web.Request, file: str,
+                     size: int) -> web.StreamResponse:
+    agent.store.index.touch(nar_file=file)
+    if request.method == "GET":
+        served = _requested_bytes(request, size)
+        metrics.SERVED_BYTES.labels("local").inc(served)
+        agent.savings.avoided(served)
+    # FileResponse does sendfile, Range (Accept-Ranges: bytes), HEAD and conditional requests.
+    return web.FileResponse(agent.store.nar_path(file), headers={"Content-Type": NAR_TYPE})
+
+
+def _requested_bytes(request: web.Request, size: int) -> int:
+    try:
+        rng = request.http_range
+    except ValueError:
+        return 0
+    start, stop, _ = rng.indices(size) if rng.start is not None or rng.stop is not None \
+        else (0, size, 1)
+    return max(0, stop - start)
+
+
+async def _stream_nar(agent: Agent, request: web.Request, transfer, joined: bool,
+                      size: int | None) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=_nar_headers(size))
+    await resp.prepare(request)
+    sent = 0
+    if joined:
+        metrics.COALESCED_WAITERS.inc()
+    try:
+        async for chunk in transfer.stream():
+            await resp.write(chunk)
+            sent += len(chunk)
+    except (UpstreamError, StoreFull, UpstreamUnavailable, Exception) as e:
+        # Headers are out: the only honest signal left is a broken connection.
+        log.warning("nar stream aborted", extra={"fields": {"file": transfer.nar.file,
+                                                            "sent": sent, "error": str(e)}})
+        if request.transport is not None:
+            request.transport.abort()
+        raise web.HTTPInternalServerError() from None
+    finally:
+        if joined:
+            metrics.COALESCED_WAITERS.dec()
+        metrics.SERVED_BYTES.labels("upstream").inc(sent)
+        if joined:
+            agent.savings.avoided(sent)
+    await resp.write_eof()
+    return resp

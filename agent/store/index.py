@@ -1,0 +1,350 @@
+"""SQLite index of the store: entries, sizes, last access, references, pins, environments.
+
+The index is the only place that decides what is committed. A NAR row (`nars`) exists once per
+file, however many narinfos point to it, so its size is counted once. A row with committed=0 is
+known from an upstream narinfo but not on disk yet (the NAR will be fetched on first request).
+"""
+
+import functools
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nars (
+    file TEXT PRIMARY KEY,          -- nar/<hash>.nar<ext>, relative to the store root
+    nar_hash TEXT NOT NULL,
+    nar_size INTEGER NOT NULL,
+    compression TEXT NOT NULL,
+    file_hash TEXT,
+    file_size INTEGER,
+    upstream TEXT,                  -- where to fetch it while not committed
+    upstream_url TEXT,
+    committed INTEGER NOT NULL DEFAULT 0,
+    last_access REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS nars_by_hash ON nars (nar_hash, committed);
+CREATE TABLE IF NOT EXISTS narinfos (
+    hash TEXT PRIMARY KEY,          -- store path hash part
+    store_path TEXT NOT NULL,
+    nar_file TEXT NOT NULL REFERENCES nars (file),
+    text TEXT NOT NULL,             -- the narinfo exactly as served
+    refs TEXT NOT NULL,             -- space-separated hash parts of References
+    committed INTEGER NOT NULL DEFAULT 0,
+    last_access REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS narinfos_by_nar ON narinfos (nar_file);
+CREATE TABLE IF NOT EXISTS pins (
+    holder TEXT NOT NULL,           -- who keeps these paths: "env:owner/env", "pod:...", ...
+    hash TEXT NOT NULL,
+    PRIMARY KEY (holder, hash)
+);
+CREATE INDEX IF NOT EXISTS pins_by_hash ON pins (hash);
+CREATE TABLE IF NOT EXISTS environments (
+    ref TEXT PRIMARY KEY,           -- owner/env[:N], lockfile:<sha>, paths:<sha>
+    generation INTEGER,
+    system TEXT,
+    closure TEXT NOT NULL,          -- JSON list of hash parts
+    closure_bytes INTEGER NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class NarRow:
+    file: str
+    nar_hash: str
+    nar_size: int
+    compression: str
+    file_hash: str | None
+    file_size: int | None
+    upstream: str | None
+    upstream_url: str | None
+    committed: bool
+
+
+@dataclass(frozen=True)
+class NarInfoRow:
+    hash: str
+    store_path: str
+    nar_file: str
+    text: str
+    refs: tuple[str, ...]
+    committed: bool
+
+
+@dataclass(frozen=True)
+class EnvironmentRow:
+    ref: str
+    generation: int | None
+    system: str | None
+    closure: tuple[str, ...]
+    closure_bytes: int
+    updated: float
+
+
+def _locked(method):  # type: ignore[no-untyped-def]
+    """Serialise access: the event loop and the commit worker threads share one connection."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        self.db.executescript(SCHEMA)
+        # Last-access updates are batched: a hit must not cost a write transaction.
+        self._touched_nars: dict[str, float] = {}
+        self._touched_narinfos: dict[str, float] = {}
+
+    @_locked
+    def close(self) -> None:
+        self.flush_access()
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    # --- narinfos and NARs -----------------------------------------------------------------
+
+    @_locked
+    def narinfo(self, hash_part: str) -> NarInfoRow | None:
+        row = self.db.execute(
+            "SELECT hash, store_path, nar_file, text, refs, committed FROM narinfos "
+            "WHERE hash = ?", (hash_part,)).fetchone()
+        return NarInfoRow(row[0], row[1], row[2], row[3], tuple(row[4].split()), bool(row[5])) \
+            if row else None
+
+    @_locked
+    def nar(self, file: str) -> NarRow | None:
+        row = self.db.execute(f"SELECT {_NAR_COLS} FROM nars WHERE file = ?", (file,)).fetchone()
+        return _nar_row(row) if row else None
+
+    @_locked
+    def committed_nar_with_hash(self, nar_hash: str) -> NarRow | None:
+        row = self.db.execute(f"SELECT {_NAR_COLS} FROM nars WHERE nar_hash = ? AND committed = 1",
+                              (nar_hash,)).fetchone()
+        return _nar_row(row) if row else None
+
+    @_locked
+    def put_pending(self, nar: NarRow, info: NarInfoRow) -> None:
+        """Remember an upstream narinfo whose NAR is not on disk yet."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                f"INSERT INTO nars ({_NAR_COLS}, last_access) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (file) DO UPDATE SET upstream = excluded.upstream, "
+                "upstream_url = excluded.upstream_url WHERE committed = 0",
+                (*_nar_values(nar), now))
+            db.execute(
+                "INSERT INTO narinfos (hash, store_path, nar_file, text, refs, committed, "
+                "last_access) VALUES (?,?,?,?,?,?,?) ON CONFLICT (hash) DO UPDATE SET "
+                "store_path = excluded.store_path, nar_file = excluded.nar_file, "
+                "text = excluded.text, refs = excluded.refs, committed = excluded.committed "
+                "WHERE narinfos.committed = 0",
+                (info.hash, info.store_path, info.nar_file, info.text, " ".join(info.refs),
+                 int(info.committed), now))
+
+    @_locked
+    def mark_nar_committed(self, file: str, file_size: int) -> None:
+        self.db.execute("UPDATE nars SET committed = 1, file_size = ?, last_access = ? "
+                        "WHERE file = ?", (file_size, time.time(), file))
+
+    @_locked
+    def mark_narinfo_committed(self, hash_part: str) -> None:
+        self.db.execute("UPDATE narinfos SET committed = 1 WHERE hash = ?", (hash_part,))
+
+    @_locked
+    def forget_narinfo(self, hash_part: str) -> None:
+        self.db.execute("DELETE FROM narinfos WHERE hash = ?", (hash_part,))
+
+    @_locked
+    def forget_pending_nar(self, file: str) -> list[str]:
+        """Drop an uncommitted NAR and the narinfos pointing at it; returns their hashes."""
+        with self.transaction() as db:
+            hashes = [r[0] for r in db.execute(
+                "SELECT hash FROM narinfos WHERE nar_file = ? AND committed = 0", (file,))]
+            db.execute("DELETE FROM narinfos WHERE nar_file = ? AND committed = 0", (file,))
+            db.execute("DELETE FROM nars WHERE file = ? AND committed = 0", (file,))
+        return hashes
+
+    @_locked
+    def narinfos_for_nar(self, file: str) -> list[NarInfoRow]:
+        rows = self.db.execute(
+            "SELECT hash, store_path, nar_file, text, refs, committed FROM narinfos "
+            "WHERE nar_file = ?", (file,))
+        return [NarInfoRow(r[0], r[1], r[2], r[3], tuple(r[4].split()), bool(r[5])) for r in rows]
+
+    @_locked
+    def committed_narinfos(self) -> list[NarInfoRow]:
+        rows = self.db.execute("SELECT hash, store_path, nar_file, text, refs, committed "
+                               "FROM narinfos WHERE committed = 1")
+        return [NarInfoRow(r[0], r[1], r[2], r[3], tuple(r[4].split()), True) for r in rows]
+
+    @_locked
+    def committed_nars(self) -> list[NarRow]:
+        rows = self.db.execute(f"SELECT {_NAR_COLS} FROM nars WHERE committed = 1")
+        return [_nar_row(r) for r in rows]
+
+    @_locked
+    def remove_nar(self, file: str) -> list[str]:
+        """Remove a NAR and every narinfo that points to it; returns the narinfo hashes."""
+        with self.transaction() as db:
+            hashes = [r[0] for r in db.execute("SELECT hash FROM narinfos WHERE nar_file = ?",
+                                               (file,))]
+            db.execute("DELETE FROM narinfos WHERE nar_file = ?", (file,))
+            db.execute("DELETE FROM nars WHERE file = ?", (file,))
+        return hashes
+
+    # --- access times ----------------------------------------------------------------------
+
+    def touch(self, hash_part: str | None = None, nar_file: str | None = None) -> None:
+        now = time.time()
+        if hash_part:
+            self._touched_narinfos[hash_part] = now
+        if nar_file:
+            self._touched_nars[nar_file] = now
+
+    @_locked
+    def flush_access(self) -> None:
+        if not (self._touched_nars or self._touched_narinfos):
+            return
+        nars, infos = self._touched_nars, self._touched_narinfos
+        self._touched_nars, self._touched_narinfos = {}, {}
+        with self.transaction() as db:
+            db.executemany("UPDATE nars SET last_access = ? WHERE file = ?",
+                           [(t, f) for f, t in nars.items()])
+            db.executemany("UPDATE narinfos SET last_access = ? WHERE hash = ?",
+                           [(t, h) for h, t in infos.items()])
+
+    # --- totals ----------------------------------------------------------------------------
+
+    @_locked
+    def used_bytes(self) -> int:
+        return self.db.execute("SELECT COALESCE(SUM(file_size), 0) FROM nars "
+                               "WHERE committed = 1").fetchone()[0]
+
+    @_locked
+    def counts(self) -> dict[str, int]:
+        nars = self.db.execute("SELECT COUNT(*) FROM nars WHERE committed = 1").fetchone()[0]
+        infos = self.db.execute("SELECT COUNT(*) FROM narinfos WHERE committed = 1").fetchone()[0]
+        return {"nar": nars, "narinfo": infos}
+
+    @_locked
+    def present(self, hashes: Iterable[str]) -> set[str]:
+        """The hashes among `hashes` whose narinfo and NAR are committed."""
+        wanted = list(hashes)
+        found: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            part = wanted[i:i + 500]
+            found.update(r[0] for r in self.db.execute(
+                f"SELECT hash FROM narinfos WHERE committed = 1 AND hash IN "
+                f"({','.join('?' * len(part))})", part))
+        return found
+
+    @_locked
+    def closure_bytes(self, hashes: Iterable[str]) -> tuple[int, int]:
+        """(bytes of the distinct NAR files, bytes of those committed) for these paths."""
+        wanted = list(hashes)
+        files: dict[str, tuple[int, bool]] = {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i:i + 500]
+            for file, size, committed in self.db.execute(
+                    "SELECT n.file, COALESCE(n.file_size, n.nar_size), n.committed FROM narinfos i "
+                    f"JOIN nars n ON n.file = i.nar_file WHERE i.hash IN "
+                    f"({','.join('?' * len(part))})", part):
+                files[file] = (size, bool(committed))
+        total = sum(s for s, _ in files.values())
+        return total, sum(s for s, c in files.values() if c)
+
+    # --- pins ------------------------------------------------------------------------------
+
+    @_locked
+    def pin(self, holder: str, hashes: Iterable[str]) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM pins WHERE holder = ?", (holder,))
+            db.executemany("INSERT OR IGNORE INTO pins (holder, hash) VALUES (?, ?)",
+                           [(holder, h) for h in hashes])
+
+    @_locked
+    def unpin(self, holder: str) -> bool:
+        return self.db.execute("DELETE FROM pins WHERE holder = ?", (holder,)).rowcount > 0
+
+    @_locked
+    def pin_holders(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT holder, COUNT(*) FROM pins GROUP BY holder"))
+
+    @_locked
+    def pinned_hashes(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT hash FROM pins")}
+
+    @_locked
+    def pinned_bytes(self) -> int:
+        return self.db.execute(
+            "SELECT COALESCE(SUM(file_size), 0) FROM nars WHERE committed = 1 AND file IN "
+            "(SELECT i.nar_file FROM narinfos i JOIN pins p ON p.hash = i.hash)").fetchone()[0]
+
+    # --- environments ----------------------------------------------------------------------
+
+    @_locked
+    def save_environment(self, env: EnvironmentRow) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO environments (ref, generation, system, closure, "
+            "closure_bytes, updated) VALUES (?,?,?,?,?,?)",
+            (env.ref, env.generation, env.system, json.dumps(list(env.closure)),
+             env.closure_bytes, env.updated))
+
+    @_locked
+    def environments(self) -> list[EnvironmentRow]:
+        return [EnvironmentRow(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5])
+                for r in self.db.execute("SELECT ref, generation, system, closure, "
+                                         "closure_bytes, updated FROM environments ORDER BY ref")]
+
+    # --- eviction --------------------------------------------------------------------------
+
+    @_locked
+    def eviction_candidates(self) -> list[NarRow]:
+        """Committed NARs, least recently used first, that no pinned narinfo points to."""
+        self.flush_access()
+        rows = self.db.execute(
+            f"SELECT {_NAR_COLS} FROM nars n WHERE committed = 1 AND NOT EXISTS ("
+            "SELECT 1 FROM narinfos i JOIN pins p ON p.hash = i.hash WHERE i.nar_file = n.file) "
+            "ORDER BY MAX(n.last_access, COALESCE((SELECT MAX(i.last_access) FROM narinfos i "
+            "WHERE i.nar_file = n.file), 0))")
+        return [_nar_row(r) for r in rows.fetchall()]
+
+
+_NAR_COLS = ("file, nar_hash, nar_size, compression, file_hash, file_size, upstream, "
+             "upstream_url, committed")
+
+
+def _nar_row(r: tuple) -> NarRow:
+    return NarRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]))
+
+
+def _nar_values(n: NarRow) -> tuple:
+    return (n.file, n.nar_hash, n.nar_size, n.compression, n.file_hash, n.file_size, n.upstream,
+            n.upstream_url, int(n.committed))

@@ -1,0 +1,133 @@
+"""The store facade: the layout on disk, the index, and the commit protocol together."""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from agent import metrics
+from agent.nix.hashes import Hash
+from agent.nix.narinfo import NarInfo
+from agent.nix.narinfo import parse as parse_narinfo
+from agent.store.commit import new_temp, publish, recover, write_atomic
+from agent.store.index import Index, NarInfoRow, NarRow
+from agent.store.layout import Layout, nar_file_name
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    def __init__(self, root: Path, priority: int = 10) -> None:
+        self.layout = Layout(root)
+        self.layout.create()
+        self.index = Index(self.layout.index)
+        self.priority = priority
+        self.disk_full = False
+        write_atomic(self.layout, self.layout.cache_info, self.cache_info().encode())
+        self.recovery = recover(self.layout, self.index)
+        self.update_gauges()
+
+    def close(self) -> None:
+        self.index.close()
+
+    def cache_info(self) -> str:
+        return f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {self.priority}\n"
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def narinfo(self, hash_part: str) -> NarInfoRow | None:
+        return self.index.narinfo(hash_part)
+
+    def nar(self, file: str) -> NarRow | None:
+        return self.index.nar(file)
+
+    def nar_path(self, file: str) -> Path:
+        return self.layout.nar(file)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def remember(self, info: NarInfo, upstream: str) -> NarInfoRow:
+        """Record an upstream narinfo; it is served with our own NAR URL.
+
+        When a NAR with the same NarHash is already committed (another narinfo, another
+        upstream, another compression), the narinfo points at it: one copy per NAR. The file
+        fields are not covered by signatures, so rewriting them keeps upstream Sig lines valid.
+        """
+        existing = self.index.committed_nar_with_hash(str(info.nar_hash))
+        if existing:
+            served = info.with_file(existing.file, existing.compression,
+                                    Hash.parse(existing.file_hash or str(info.nar_hash)),
+                                    existing.file_size or 0)
+            row = _narinfo_row(served, existing.file, committed=True)
+            self.index.put_pending(existing, row)
+            write_atomic(self.layout, self.layout.narinfo(info.hash_part), row.text.encode())
+            return row
+        name_hash = info.file_hash if info.file_hash and info.file_hash.algo == "sha256" \
+            else info.nar_hash
+        file = nar_file_name(name_hash, info.compression)
+        served = info.with_file(file, info.compression, info.file_hash or name_hash,
+                                info.file_size) if info.file_hash else \
+            _with_url(info, file)
+        nar = NarRow(file, str(info.nar_hash), info.nar_size, info.compression,
+                     str(info.file_hash) if info.file_hash else None, info.file_size, upstream,
+                     info.url, committed=False)
+        row = _narinfo_row(served, file, committed=False)
+        self.index.put_pending(nar, row)
+        return row
+
+    def new_temp(self) -> tuple[int, Path]:
+        return new_temp(self.layout)
+
+    def commit_nar(self, tmp: Path, file: str, file_hash: Hash, file_size: int) -> None:
+        """Publish a verified NAR and then every narinfo that waits for it."""
+        publish(tmp, self.layout.nar(file))
+        self.index.mark_nar_committed(file, file_size)
+        for info in self.index.narinfos_for_nar(file):
+            if info.committed:
+                continue
+            served = parse_narinfo(info.text)
+            if served.file_hash is None or served.file_size is None:
+                served = served.with_file(file, served.compression, file_hash, file_size)
+                info = _narinfo_row(served, file, committed=False)
+                self.index.put_pending(self.index.nar(file), info)  # type: ignore[arg-type]
+            write_atomic(self.layout, self.layout.narinfo(info.hash), info.text.encode())
+            self.index.mark_narinfo_committed(info.hash)
+        self.update_gauges()
+
+    def discard_pending(self, file: str) -> None:
+        """Forget an upstream narinfo whose NAR failed verification: the next ask refetches."""
+        self.index.forget_pending_nar(file)
+
+    def remove_nar(self, file: str) -> int:
+        """Delete a committed NAR and its narinfos (narinfos first: never one without a NAR)."""
+        row = self.index.nar(file)
+        for hash_part in self.index.remove_nar(file):
+            self.layout.narinfo(hash_part).unlink(missing_ok=True)
+        self.layout.nar(file).unlink(missing_ok=True)
+        return (row.file_size or 0) if row else 0
+
+    # --- accounting ------------------------------------------------------------------------
+
+    def filesystem_bytes(self) -> int:
+        return shutil.disk_usage(self.layout.root).total
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.layout.root)
+        return st.f_bavail * st.f_frsize
+
+    def update_gauges(self) -> None:
+        metrics.STORE_BYTES.set(self.index.used_bytes())
+        for kind, n in self.index.counts().items():
+            metrics.STORE_ENTRIES.labels(kind).set(n)
+        metrics.STORE_PINNED.set(self.index.pinned_bytes())
+
+
+def _with_url(info: NarInfo, url: str) -> NarInfo:
+    from dataclasses import replace
+
+    return replace(info, url=url)
+
+
+def _narinfo_row(info: NarInfo, file: str, committed: bool) -> NarInfoRow:
+    return NarInfoRow(info.hash_part, info.store_path.path(), file, info.render(),
+                      tuple(r.hash_part for r in info.references), committed)

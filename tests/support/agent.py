@@ -1,0 +1,116 @@
+"""Start the real agent through its CLI, as a separate process, on free loopback ports."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess:
+    """`flox-node-cache run` with its store, socket and ports in `workdir`."""
+
+    def __init__(self, workdir: Path, upstreams: list[str], keys: list[str],
+                 *extra: str, store: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.store = store or workdir / "store"
+        self.socket = workdir / "run" / "agent.sock"
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.log_path = workdir / "agent.log"
+        self.args = [
+            sys.executable, "-m", "agent", "run",
+            "--store", str(self.store), "--socket", str(self.socket),
+            "--listen", f"127.0.0.1:{self.port}",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            "--log-format", "json", "--log-level", "debug", "--kubernetes", "off",
+            *[a for u in upstreams for a in ("--upstream", u)],
+            *[a for k in keys for a in ("--trusted-public-key", k)],
+            *extra,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def start(self, timeout: float = 20) -> "AgentProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.logs()}")
+            try:
+                with urllib.request.urlopen(self.metrics_url + "/readyz", timeout=1) as r:
+                    if r.status == 200 and self.socket.exists():
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"agent not ready after {timeout}s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def __enter__(self) -> "AgentProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict]:
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    def unix_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.socket)))
