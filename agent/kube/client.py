@@ -1,0 +1,50 @@
+"""Client configuration: a kubeconfig file, or the pod's service account in a cluster."""
+
+from __future__ import annotations
+
+import os
+
+from kubernetes_asyncio import config
+from kubernetes_asyncio.client import ApiClient, Configuration
+
+# The custom resource this project defines.
+GROUP = "nodecache.flox.dev"
+VERSION = "v1alpha1"
+PLURAL = "environmentprewarms"
+KIND = "EnvironmentPrewarm"
+
+ENV_ANNOTATION = "flox.dev/environment"
+ENABLED_LABEL = "flox.dev/enabled"
+FLOX_RUNTIME_CLASS = "flox"
+COMPONENT = "flox-node-cache"
+
+
+class KubeConfigError(RuntimeError):
+    pass
+
+
+def in_cluster() -> bool:
+    """True when the service account environment Kubernetes gives every pod is present."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def node_name_from_env() -> str:
+    """The node name from the downward API (`NODE_NAME`)."""
+    name = os.environ.get("NODE_NAME", "").strip()
+    if not name:
+        raise KubeConfigError("NODE_NAME is not set (expose spec.nodeName via the downward API)")
+    return name
+
+
+async def make_api_client(kubeconfig: str | None) -> ApiClient:
+    """An ApiClient from `kubeconfig`, or from the in-cluster service account when None."""
+    cfg = Configuration()
+    try:
+        if kubeconfig:
+            await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg,
+                                          persist_config=False)
+        else:
+            config.load_incluster_config(client_configuration=cfg)
+    except config.ConfigException as e:
+        raise KubeConfigError(f"cannot configure the Kubernetes client: {e}") from e
+    return ApiClient(configuration=cfg)
