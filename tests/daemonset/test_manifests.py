@@ -25,6 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from agent import cli
 from agent import config as agent_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,15 +233,14 @@ def test_agent_arguments(kustomization: str) -> None:
 
 @pytest.mark.parametrize("kustomization", INSTALLS)
 def test_agent_configuration_is_accepted_by_the_agent(kustomization: str) -> None:
-    # Feed the manifest's flags and environment through the agent's own config loader.
-    plural = {"upstream": "upstreams", "trusted-public-key": "trusted_public_keys"}
-    flags: dict[str, Any] = {}
-    for name, values in agent_flags(kustomization).items():
-        key = plural.get(name, name.replace("-", "_"))
-        flags[key] = values if name in plural else values[-1]
+    # The manifest's args through the agent's own parser, its env through the config loader.
+    args = cli.parser().parse_args(agent_container(kustomization)["args"])
+    assert args.command == "run"
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     env = {e["name"]: e.get("value", "node-a") for e in agent_container(kustomization)["env"]}
-    cfg = agent_config.load(None, flags, env)
+    cfg = agent_config.load(args.config, flags, env)
     assert cfg.node_name == "node-a"
+    assert (cfg.log_format, cfg.store_budget) == ("json", "80%")
     assert cfg.kubernetes == "on"
     assert cfg.listen_addr == ("127.0.0.1", 37515)
     assert len(cfg.public_keys) == 2
