@@ -47,6 +47,7 @@ def routes(agent: Agent) -> list[web.RouteDef]:
             metrics.LOOKUPS.labels("nar", "not_found").inc()
             raise web.HTTPNotFound(text="unknown NAR: fetch its narinfo first\n")
         if row.committed:
+            metrics.LOOKUPS.labels("nar", "local").inc()
             return await _local_nar(agent, request, file, row.file_size or 0)
         if request.method == "HEAD":
             return web.Response(headers=_nar_headers(row.file_size))
