@@ -240,7 +240,7 @@ def test_agent_configuration_is_accepted_by_the_agent(kustomization: str) -> Non
     env = {e["name"]: e.get("value", "node-a") for e in agent_container(kustomization)["env"]}
     cfg = agent_config.load(args.config, flags, env)
     assert cfg.node_name == "node-a"
-    assert (cfg.log_format, cfg.store_budget) == ("json", "80%")
+    assert (cfg.log_format, cfg.store_budget) == ("json", "25%")
     assert cfg.kubernetes == "on"
     assert cfg.listen_addr == ("127.0.0.1", 37515)
     assert len(cfg.public_keys) == 2
