@@ -74,7 +74,11 @@ step "7. Look from the node: the loopback cache, metrics and the admin socket"
 # The node's nix-daemon would use http://127.0.0.1:37515 as a substituter.
 docker exec "$WORKER" curl -fsS http://127.0.0.1:37515/nix-cache-info
 docker exec "$WORKER" curl -fsS http://127.0.0.1:37516/metrics | grep -E '^flox_node_cache_' | head -20
-docker exec "$WORKER" curl -fsS --unix-socket /run/flox-node-cache/agent.sock http://agent/v1/status
+# The admin socket (also speaks the cache protocol) that Flox pods may mount.
+docker exec "$WORKER" curl -fsS --unix-socket /run/flox-node-cache/agent.sock \
+  http://agent/nix-cache-info
+docker exec "$WORKER" curl -sS --unix-socket /run/flox-node-cache/agent.sock \
+  http://agent/v1/status || true
 echo
 docker exec "$WORKER" du -sh /var/lib/flox-node-cache
 
