@@ -464,7 +464,8 @@ def test_example_flox_pod_is_valid_and_talks_to_the_agent_socket() -> None:
     assert socket_volume["hostPath"]["path"] == "/run/flox-node-cache"
     socket = agent_flags("daemonset/base")["socket"][0]
     debug = next(c for c in spec["containers"] if c["image"] != "flox/empty:1.0.0")
-    assert f"--unix-socket {socket}" in " ".join(debug["command"] + debug["args"])
+    shell = " ".join(debug["command"] + debug["args"])
+    assert socket in shell and "curl -sS --unix-socket" in shell
     # The socket is 0660 root:<socket group>: the pod must be in that group.
     assert 65532 in spec["securityContext"]["supplementalGroups"]
 
