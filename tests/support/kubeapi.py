@@ -22,7 +22,8 @@ Behaviour copied from kube-apiserver:
 - bearer-token authentication (401 without it); core/v1 Events must live in the namespace of
   their involved object (`default` for cluster-scoped objects).
 
-Test controls: `create/update/delete/get`, `drop_watches()`, `compact()`, `send_bookmarks()`,
+Test controls: `create/update/delete/get`, `drop_watches()`, `pause_watches()`/`resume_watches()`,
+`compact()`, `send_bookmarks()`,
 `requests` (a record of every request) and `write_kubeconfig(path)`.
 """
 
@@ -381,6 +382,7 @@ class FakeKubeAPI:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self._streams: set[web.StreamResponse] = set()
+        self._watches_paused = threading.Event()
         self.port = 0
 
     # lifecycle
@@ -392,12 +394,12 @@ class FakeKubeAPI:
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
         await self._runner.setup()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock, shutdown_timeout=0.5).start()
+        await web.SockSite(self._runner, sock).start()
 
     def stop(self) -> None:
         self.drop_watches(abrupt=True)
@@ -447,6 +449,13 @@ class FakeKubeAPI:
     def drop_watches(self, *, abrupt: bool = False) -> None:
         """End every open watch stream: cleanly (EOF) or by cutting the connection."""
         self.store.broadcast("ABORT" if abrupt else "CLOSE")
+
+    def pause_watches(self) -> None:
+        """Hold new watch requests (as a restarting server would) until `resume_watches()`."""
+        self._watches_paused.set()
+
+    def resume_watches(self) -> None:
+        self._watches_paused.clear()
 
     def compact(self) -> None:
         """Forget history: watches from an older resourceVersion now get 410 Gone."""
@@ -571,6 +580,8 @@ class FakeKubeAPI:
     async def _watch(self, request: web.Request, res: Resource, sel: Selector,
                      q: dict[str, str]) -> web.StreamResponse:
         bookmarks = q.get("allowWatchBookmarks") in ("1", "true", "True")
+        while self._watches_paused.is_set():
+            await asyncio.sleep(0.01)
         added = self.store.add_watcher(res, sel, q.get("resourceVersion"), bookmarks)
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
