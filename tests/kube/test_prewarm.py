@@ -1,0 +1,136 @@
+"""EnvironmentPrewarm: every matching node prefetches and reports its own status entry."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tests.kube import (
+    Agents,
+    FakePrewarmer,
+    agents,
+    eventually,
+    kubeapi,
+    kubeconfig,
+    node,
+    prewarm_resource,
+    stays,
+)
+from tests.support.kubeapi import FakeKubeAPI
+
+__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
+NODES = ["n1", "n2", "n3"]
+
+
+def node_status(api: FakeKubeAPI, name: str, node_name: str) -> dict[str, Any]:
+    obj = api.get("EnvironmentPrewarm", name)
+    return ((obj.get("status") or {}).get("nodes") or {}).get(node_name) or {}
+
+
+def phase(api: FakeKubeAPI, name: str, node_name: str) -> str | None:
+    return node_status(api, name, node_name).get("phase")
+
+
+async def test_three_agents_report_their_own_node_without_overwriting(
+        kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    for n in NODES:
+        kubeapi.create(node(n))
+    pws: dict[str, FakePrewarmer] = {}
+    for n in NODES:
+        pws[n] = FakePrewarmer()
+        pws[n].hold = {"flox/quotes-app:3", "flox/redis"}
+        agents.start(n, pws[n])
+    kubeapi.create(prewarm_resource("rollout", ["flox/quotes-app:3", "flox/redis"]))
+
+    for n in NODES:
+        await eventually(lambda n=n: phase(kubeapi, "rollout", n) == "Pulling", what=n)
+        assert ("flox/quotes-app:3", "prewarm:rollout", "x86_64-linux") in pws[n].calls
+    pws["n2"].jobs["flox/redis"].advance(4, 400)
+    await eventually(lambda: node_status(kubeapi, "rollout", "n2").get("bytesDone") == 400)
+    assert node_status(kubeapi, "rollout", "n2")["pathsTotal"] == 20  # both envs summed
+
+    for n in NODES:
+        for job in pws[n].jobs.values():
+            job.finish()
+    for n in NODES:
+        await eventually(lambda n=n: phase(kubeapi, "rollout", n) == "Ready", what=n)
+    status = kubeapi.get("EnvironmentPrewarm", "rollout")["status"]["nodes"]
+    assert sorted(status) == NODES  # all three entries landed
+    for entry in status.values():
+        assert entry["pathsDone"] == entry["pathsTotal"] == 20
+        assert entry["bytesDone"] == entry["bytesTotal"] == 2000
+        assert entry["observedGeneration"] == 1 and entry["lastUpdate"].endswith("Z")
+    # status writes went through the status subresource as merge patches only
+    patches = [r for r in kubeapi.requests if r.method == "PATCH"]
+    assert patches and all(r.path.endswith("/rollout/status") for r in patches)
+    assert {r.content_type for r in patches} == {"application/merge-patch+json"}
+
+
+async def test_failure_reports_reason_and_event_and_deletion_unpins(
+        kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    kubeapi.create(node("n1"))
+    pw = FakePrewarmer()
+    pw.fail_with["flox/broken"] = "narinfo signature invalid"
+    agents.start("n1", pw)
+    kubeapi.create(prewarm_resource("bad", ["flox/redis", "flox/broken"]))
+    await eventually(lambda: phase(kubeapi, "bad", "n1") == "Failed")
+    assert "flox/broken: narinfo signature invalid" in node_status(kubeapi, "bad", "n1")["message"]
+    events = kubeapi.list("Event")
+    assert len(events) == 1
+    ev = events[0]
+    assert ev["metadata"]["namespace"] == "default" and ev["type"] == "Warning"
+    assert ev["involvedObject"]["kind"] == "EnvironmentPrewarm"
+    assert ev["involvedObject"]["name"] == "bad"
+    assert "narinfo signature invalid" in ev["message"]
+
+    kubeapi.delete(kubeapi.get("EnvironmentPrewarm", "bad"))
+    await eventually(lambda: "prewarm:bad" in pw.unpins)
+
+
+async def test_edit_takes_effect_and_selector_and_pin_are_honoured(
+        kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    kubeapi.create(node("n1", {"pool": "gpu"}))
+    kubeapi.create(node("n2", {"pool": "cpu"}))
+    p1, p2 = agents.start("n1"), agents.start("n2")
+    kubeapi.create(prewarm_resource("gpu", ["flox/cuda:1"], selector={"pool": "gpu"},
+                                    pin=False))
+    await eventually(lambda: phase(kubeapi, "gpu", "n1") == "Ready")
+    assert p1.calls == [("flox/cuda:1", None, "x86_64-linux")]  # pin: false
+    await stays(lambda: p2.calls == [] and phase(kubeapi, "gpu", "n2") is None)
+
+    obj = kubeapi.get("EnvironmentPrewarm", "gpu")
+    obj["spec"]["environments"] = ["flox/cuda:2"]
+    obj["spec"]["pin"] = True
+    assert kubeapi.update(obj)["metadata"]["generation"] == 2
+    await eventually(lambda: node_status(kubeapi, "gpu", "n1").get("observedGeneration") == 2
+                     and phase(kubeapi, "gpu", "n1") == "Ready")
+    assert p1.calls[-1] == ("flox/cuda:2", "prewarm:gpu", "x86_64-linux")
+    # status writes from the agent (no generation change) did not restart the work
+    await stays(lambda: len(p1.calls) == 2)
+
+
+async def test_deadline_marks_late_node_failed_then_ready_when_done(
+        kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    kubeapi.create(node("n1"))
+    pw = FakePrewarmer()
+    pw.hold = {"flox/huge"}
+    agents.start("n1", pw)
+    deadline = (datetime.now(UTC) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kubeapi.create(prewarm_resource("late", ["flox/huge"], deadline=deadline))
+    await eventually(lambda: phase(kubeapi, "late", "n1") == "Failed", timeout=4)
+    assert node_status(kubeapi, "late", "n1")["message"].startswith("deadline exceeded")
+    assert any("deadline exceeded" in e["message"] for e in kubeapi.list("Event"))
+    pw.jobs["flox/huge"].finish()  # the prefetch was not cancelled: it still lands
+    await eventually(lambda: phase(kubeapi, "late", "n1") == "Ready")
+
+
+async def test_node_joining_later_acts_on_existing_resources(
+        kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    kubeapi.create(node("n1"))
+    agents.start("n1")
+    kubeapi.create(prewarm_resource("early", ["flox/redis"]))
+    await eventually(lambda: phase(kubeapi, "early", "n1") == "Ready")
+    kubeapi.create(node("n9"))
+    late = agents.start("n9")
+    await eventually(lambda: phase(kubeapi, "early", "n9") == "Ready")
+    assert late.calls == [("flox/redis", "prewarm:early", "x86_64-linux")]

@@ -1,0 +1,119 @@
+"""`prewarm --cluster --wait`: the rollout gate's exit codes and messages."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from agent.kube.rollout import (
+    EXIT_FAILED,
+    EXIT_NO_NODES,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    prewarm_cluster,
+    resource_name,
+)
+from tests.kube import (
+    Agents,
+    FakePrewarmer,
+    agents,
+    kubeapi,
+    kubeconfig,
+    node,
+    prewarm_resource,
+)
+from tests.support.kubeapi import FakeKubeAPI
+
+__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
+REFS = ["flox/quotes-app:3", "flox/redis"]
+
+
+async def gate(kubeconfig: str, *, timeout: float = 5.0, selector: dict[str, str] | None = None,
+               wait: bool = True) -> tuple[int, str]:
+    out = io.StringIO()
+    code = await prewarm_cluster(refs=REFS, selector=selector or {}, pin=True, wait=wait,
+                                 timeout=timeout, kubeconfig=kubeconfig, name=None,
+                                 console=Console(file=out, width=200), poll=0.1)
+    return code, out.getvalue()
+
+
+def three_nodes(kubeapi: FakeKubeAPI) -> None:
+    for n in ("n1", "n2", "n3"):
+        kubeapi.create(node(n))
+    kubeapi.create(node("no-flox", flox=False))  # no agent runs there: never waited for
+
+
+async def test_exits_0_when_every_node_is_ready(kubeapi: FakeKubeAPI, kubeconfig: str,
+                                                agents: Agents) -> None:
+    three_nodes(kubeapi)
+    for n in ("n1", "n2", "n3"):
+        agents.start(n)
+    code, out = await gate(kubeconfig)
+    assert code == EXIT_OK, out
+    assert "all 3 node(s) ready" in out
+    obj = kubeapi.get("EnvironmentPrewarm", resource_name(REFS))
+    assert obj["spec"]["environments"] == REFS and obj["spec"]["pin"] is True
+    assert obj["spec"]["deadline"].endswith("Z")
+
+
+async def test_exits_1_naming_the_failed_node_and_why(kubeapi: FakeKubeAPI, kubeconfig: str,
+                                                      agents: Agents) -> None:
+    three_nodes(kubeapi)
+    broken = FakePrewarmer()
+    broken.fail_with["flox/redis"] = "upstream returned 500 for nar/abc"
+    agents.start("n1")
+    agents.start("n2", broken)
+    agents.start("n3")
+    code, out = await gate(kubeconfig)
+    assert code == EXIT_FAILED, out
+    assert "n2: failed" in out and "upstream returned 500 for nar/abc" in out
+    assert "n1:" not in out and "n3:" not in out
+
+
+async def test_exits_2_naming_the_late_node(kubeapi: FakeKubeAPI, kubeconfig: str,
+                                            agents: Agents) -> None:
+    three_nodes(kubeapi)
+    slow = FakePrewarmer()
+    slow.hold = set(REFS)
+    agents.start("n1")
+    agents.start("n2", slow)  # n2 never finishes, n3 has no agent at all
+    code, out = await gate(kubeconfig, timeout=1.5)
+    assert code == EXIT_TIMEOUT, out
+    assert "n2: " in out and "n3: not ready" in out and "n1:" not in out
+
+
+async def test_exits_3_when_no_node_matches(kubeapi: FakeKubeAPI, kubeconfig: str) -> None:
+    three_nodes(kubeapi)
+    code, out = await gate(kubeconfig, selector={"pool": "gpu"})
+    assert code == EXIT_NO_NODES
+    assert "no Flox node matches" in out and "pool=gpu" in out
+
+
+async def test_update_replaces_spec_and_stale_ready_does_not_count(
+        kubeapi: FakeKubeAPI, kubeconfig: str) -> None:
+    kubeapi.create(node("n1", {"pool": "a"}))
+    old = prewarm_resource(resource_name(REFS), ["flox/old"], selector={"pool": "a", "x": "y"})
+    created = kubeapi.create(old)
+    created["status"] = {"nodes": {"n1": {"phase": "Ready", "observedGeneration": 1}}}
+    kubeapi.update(created, status=True)
+    # no agent runs: the leftover Ready of generation 1 must not open the gate
+    code, out = await gate(kubeconfig, timeout=1.0, selector={"pool": "a"})
+    assert code == EXIT_TIMEOUT, out
+    obj = kubeapi.get("EnvironmentPrewarm", resource_name(REFS))
+    assert obj["metadata"]["generation"] == 2
+    assert obj["spec"]["nodeSelector"] == {"pool": "a"}  # the dropped key is gone
+    assert obj["spec"]["environments"] == REFS
+
+
+async def test_without_wait_creates_and_returns(kubeapi: FakeKubeAPI, kubeconfig: str) -> None:
+    code, out = await gate(kubeconfig, wait=False)
+    assert code == EXIT_OK
+    assert "nodes that join will act on it" in out
+    assert kubeapi.get("EnvironmentPrewarm", resource_name(REFS))
+
+
+def test_resource_names_are_dns_safe_and_stable() -> None:
+    name = resource_name(["Flox/Quotes_App:7", "flox/redis"])
+    assert name == resource_name(["flox/redis", "Flox/Quotes_App:7"])
+    assert len(name) <= 63 and name.replace("-", "").isalnum() and name == name.lower()
