@@ -5,6 +5,8 @@ configuration error, 3 the agent could not be reached.
 """
 
 import argparse
+import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -90,7 +92,62 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent", description="Run the agent until "
                          "SIGTERM/SIGINT.")
     _run_options(run)
+
+    pw = sub.add_parser("prewarm", help="prefetch an environment's closure and wait for it",
+                        description="Prefetch a closure through the agent on this node (over "
+                        "its socket) with a live progress bar; exits 0 only when the whole "
+                        "closure is present and verified. With --cluster, create or update an "
+                        "EnvironmentPrewarm for every matching node instead.")
+    pw.add_argument("refs", nargs="*", metavar="OWNER/ENV[:N]", help="FloxHub environment")
+    pw.add_argument("--lockfile", type=Path, metavar="FILE", help="a Flox manifest.lock")
+    pw.add_argument("--store-path", dest="store_paths", action="append", default=[],
+                    metavar="PATH", help="a store path (repeatable)")
+    pw.add_argument("--system", help="Nix system (default: the agent's)")
+    pin = pw.add_mutually_exclusive_group()
+    pin.add_argument("--pin", dest="pin", action="store_true", default=None,
+                     help="keep the closure from eviction (default with --cluster)")
+    pin.add_argument("--no-pin", dest="pin", action="store_false")
+    pw.add_argument("--json", action="store_true", help="print the final job as JSON")
+    pw.add_argument("--cluster", action="store_true",
+                    help="prewarm every matching node of the cluster (EnvironmentPrewarm)")
+    pw.add_argument("--selector", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --cluster: node label selector (repeatable)")
+    pw.add_argument("--wait", action="store_true",
+                    help="with --cluster: wait until every matching node is Ready")
+    pw.add_argument("--timeout", default="10m", metavar="DURATION",
+                    help="with --cluster: deadline, e.g. 90s, 10m, 1h (default 10m)")
+    pw.add_argument("--name", help="with --cluster: resource name (default: from the refs)")
+    pw.add_argument("--kubeconfig", type=Path, metavar="FILE",
+                    help="with --cluster: kubeconfig (default: $KUBECONFIG, ~/.kube/config)")
+    _socket_option(pw)
+
+    st = sub.add_parser("status", help="environments and store usage of the agent on this node")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    _socket_option(st)
+
+    gc = sub.add_parser("gc", help="evict least-recently-used entries down to the budget",
+                        description="Run an eviction pass now (pinned closures are kept).")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
+    gc.add_argument("--json", action="store_true", help="machine-readable output")
+    _socket_option(gc)
+
+    vf = sub.add_parser("verify", help="re-hash the store against its narinfos",
+                        description="Re-hash every NAR in the store against its narinfo and "
+                        "report damaged entries and orphans; exits 1 when damage is found. "
+                        "Works on the store directory directly (the agent may be running).")
+    vf.add_argument("--store", type=Path, default=Path("var/store"), metavar="DIR",
+                    help="store directory (default ./var/store)")
+    vf.add_argument("--repair", action="store_true",
+                    help="remove damaged entries and orphans (they are refetched on demand)")
+    vf.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _socket_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", type=Path, metavar="PATH",
+                   default=Path(os.environ.get("FLOX_NODE_CACHE_SOCKET", "var/run/agent.sock")),
+                   help="the agent's Unix socket (default $FLOX_NODE_CACHE_SOCKET or "
+                   "./var/run/agent.sock)")
 
 
 def _config(args: argparse.Namespace) -> "object":
@@ -113,7 +170,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run}
+def cmd_prewarm(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from agent.cli_cluster import prewarm_cluster_command
+
+        return prewarm_cluster_command(args)
+    from agent import cli_client
+
+    return asyncio.run(cli_client.prewarm(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent import cli_client
+
+    return asyncio.run(cli_client.status(args))
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from agent import cli_client
+
+    return asyncio.run(cli_client.gc(args))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from agent import cli_client
+
+    return cli_client.verify(args)
+
+
+COMMANDS = {"run": cmd_run, "prewarm": cmd_prewarm, "status": cmd_status, "gc": cmd_gc,
+            "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,22 @@
 """The running agent's parts, built once from the configuration and shared by every listener."""
 
+import asyncio
+import functools
 import logging
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent import metrics
 from agent.config import Config
+from agent.flox.floxhub import FloxHub, ResolvedEnv
+from agent.flox.watch import GenerationWatch
+from agent.prefetch import Prefetcher, Target
+from agent.store.gc import collect
 from agent.store.store import Store
 from agent.upstream.client import CircuitBreaker, Timeouts, Upstream
-from agent.upstream.fetch import Fetcher
+from agent.upstream.fetch import IO_POOL, Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,10 @@ class Agent:
     upstreams: list[Upstream]
     fetcher: Fetcher
     savings: Savings
+    prefetcher: Prefetcher
+    floxhub: FloxHub
+    watch: GenerationWatch
+    serving: Counter[str] = field(default_factory=Counter)  # NAR files being sent right now
     jobs: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
 
     @classmethod
@@ -54,7 +65,74 @@ class Agent:
         fetcher = Fetcher(store, upstreams, list(config.public_keys),
                           require_signatures=config.require_signatures,
                           signing_key=config.signing_key, negative_ttl=config.negative_ttl)
-        return cls(config, store, upstreams, fetcher, Savings(upstreams))
+        floxhub = FloxHub(config.floxhub_git_url, store.layout.floxhub,
+                          config.floxhub_token_file)
+        prefetcher = Prefetcher(store, fetcher, floxhub, system=config.system,
+                                concurrency=config.prefetch_concurrency)
+        agent = cls(config, store, upstreams, fetcher, Savings(upstreams), prefetcher, floxhub,
+                    GenerationWatch(floxhub, config.generation_watch_interval, lambda _: None))
+        agent.watch.on_change = agent._new_generation
+        prefetcher.on_resolved.append(agent._track_environment)
+        agent.jobs += [agent.watch.run, agent._gc_loop]
+        return agent
+
+    # --- environments in use are watched for new generations ------------------------------
+
+    def _track_environment(self, resolved: ResolvedEnv) -> None:
+        if resolved.ref.generation is None:  # only unpinned refs follow the live generation
+            self.watch.track(resolved.ref.owner, resolved.ref.name,
+                             generation=resolved.generation)
+
+    async def _new_generation(self, resolved: ResolvedEnv) -> None:
+        ref = str(resolved.ref.unpinned)
+        holders = self.store.index.holders_of(self._closure_head(ref))
+        log.info("new generation, prefetching", extra={"fields": {
+            "environment": ref, "generation": resolved.generation}})
+        job = self.prefetcher.submit(Target.parse(ref=ref))
+        job.pins.update(holders)
+
+    def _closure_head(self, ref: str) -> tuple[str, ...]:
+        env = next((e for e in self.store.index.environments() if e.ref == ref), None)
+        return env.closure[:1] if env else ()
+
+    # --- the size budget -------------------------------------------------------------------
+
+    def budget(self) -> int:
+        return self.config.budget_bytes(self.store.filesystem_bytes())
+
+    def _busy(self) -> set[str]:
+        return {f for f, n in self.serving.items() if n > 0} | set(self.fetcher.transfers)
+
+    async def collect_garbage(self, *, dry_run: bool = False, force: bool = False) \
+            -> dict[str, object]:
+        budget = self.budget()
+        metrics.STORE_BUDGET.set(budget)
+        result = await asyncio.get_running_loop().run_in_executor(
+            IO_POOL, functools.partial(
+                collect, self.store, budget, low=self.config.gc_low_watermark,
+                high=self.config.gc_high_watermark, busy=self._busy, dry_run=dry_run,
+                force=force))
+        return result.to_json()
+
+    async def _gc_loop(self) -> None:
+        while True:
+            try:
+                await self.collect_garbage()
+            except Exception:
+                log.exception("eviction pass failed")
+            await asyncio.sleep(self.config.gc_interval)
+
+    def status(self) -> dict[str, object]:
+        index = self.store.index
+        return {
+            "store": str(self.config.store), "used_bytes": index.used_bytes(),
+            "budget_bytes": self.budget(), "free_bytes": self.store.free_bytes(),
+            "entries": index.counts(), "pinned_bytes": index.pinned_bytes(),
+            "pins": index.pin_holders(), "disk_full": self.store.disk_full,
+            "upstreams": {u.name: "circuit_open" if u.breaker.is_open else "ok"
+                          for u in self.upstreams},
+            "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
+        }
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         """Long-running jobs of the other parts (eviction, scrub, watches), started by app.py."""
@@ -63,6 +141,8 @@ class Agent:
     async def start(self) -> None:
         for up in self.upstreams:
             await up.start()
+        metrics.STORE_BUDGET.set(self.budget())
+        self.prefetcher.resume()
 
     async def stop(self) -> None:
         await self.fetcher.close()

@@ -88,7 +88,16 @@ async def _local_nar(agent: Agent, request: web.Request, file: str,
         metrics.SERVED_BYTES.labels("local").inc(served)
         agent.savings.avoided(served)
     # FileResponse does sendfile, Range (Accept-Ranges: bytes), HEAD and conditional requests.
-    return web.FileResponse(agent.store.nar_path(file), headers={"Content-Type": NAR_TYPE})
+    # It is sent here, not after return, so eviction can see the file is in use until the end.
+    resp = web.FileResponse(agent.store.nar_path(file), headers={"Content-Type": NAR_TYPE})
+    agent.serving[file] += 1
+    try:
+        await resp.prepare(request)
+    finally:
+        agent.serving[file] -= 1
+        if agent.serving[file] <= 0:
+            del agent.serving[file]
+    return resp
 
 
 def _requested_bytes(request: web.Request, size: int) -> int:

@@ -290,6 +290,18 @@ class Index:
                            [(holder, h) for h in hashes])
 
     @_locked
+    def pin_add(self, holder: str, hashes: Iterable[str]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO pins (holder, hash) VALUES (?, ?)",
+                            [(holder, h) for h in hashes])
+
+    @_locked
+    def holders_of(self, hashes: Iterable[str]) -> set[str]:
+        wanted = list(hashes)
+        return {r[0] for r in self.db.execute(
+            f"SELECT DISTINCT holder FROM pins WHERE hash IN ({','.join('?' * len(wanted))})",
+            wanted)}
+
+    @_locked
     def unpin(self, holder: str) -> bool:
         return self.db.execute("DELETE FROM pins WHERE holder = ?", (holder,)).rowcount > 0
 

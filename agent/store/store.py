@@ -17,14 +17,18 @@ log = logging.getLogger(__name__)
 
 
 class Store:
-    def __init__(self, root: Path, priority: int = 10) -> None:
+    def __init__(self, root: Path, priority: int = 10, *, recover_on_open: bool = True) -> None:
+        """Open (creating) a store. The agent recovers from an unclean stop on open; tools that
+        run beside a live agent (`verify`) must not, as the agent's temporary files are live."""
         self.layout = Layout(root)
         self.layout.create()
         self.index = Index(self.layout.index)
         self.priority = priority
         self.disk_full = False
-        write_atomic(self.layout, self.layout.cache_info, self.cache_info().encode())
-        self.recovery = recover(self.layout, self.index)
+        self.recovery: dict[str, int] = {}
+        if recover_on_open:
+            write_atomic(self.layout, self.layout.cache_info, self.cache_info().encode())
+            self.recovery = recover(self.layout, self.index)
         self.update_gauges()
 
     def close(self) -> None:

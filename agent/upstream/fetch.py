@@ -27,6 +27,7 @@ from agent.nix.signing import PublicKey, SecretKey, add_signature, verified_by
 from agent.nix.verify import NarVerifier, VerificationError
 from agent.store.index import NarInfoRow, NarRow
 from agent.store.store import Store
+from agent.store.verify import verify_info
 from agent.upstream.client import CHUNK, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class Transfer:
         self.nar = nar
         self.upstream = upstream
         self.size = nar.file_size
-        self.info = _verify_info(nar)
+        self.info = verify_info(nar)
         self.written = 0      # bytes in the temporary file
         self.visible = 0      # bytes readers may send (the newest chunk waits for verification)
         self.received = 0
@@ -299,7 +300,7 @@ class Transfer:
 async def passthrough(upstream: Upstream, nar: NarRow, skip: int = 0) -> AsyncIterator[bytes]:
     """Stream a NAR from upstream without caching, verified like any other transfer."""
     loop = asyncio.get_running_loop()
-    verifier = NarVerifier(_verify_info(nar))
+    verifier = NarVerifier(verify_info(nar))
     pos = 0
     held = b""
     async with upstream.nar(nar.upstream_url or "") as chunks:
@@ -316,13 +317,3 @@ async def passthrough(upstream: Upstream, nar: NarRow, skip: int = 0) -> AsyncIt
         raise
     if pos + len(held) > skip:
         yield held[max(0, skip - pos):]
-
-
-def _verify_info(nar: NarRow) -> NarInfo:
-    """The fields a download is checked against, as the upstream narinfo stated them."""
-    from agent.nix.storepath import StorePath
-
-    return NarInfo(
-        store_path=StorePath("0" * 32, "unused"), url=nar.upstream_url or "",
-        compression=nar.compression, nar_hash=Hash.parse(nar.nar_hash), nar_size=nar.nar_size,
-        file_hash=Hash.parse(nar.file_hash) if nar.file_hash else None, file_size=nar.file_size)

@@ -1,0 +1,327 @@
+"""Closure prefetch: from roots (an environment, a lockfile, store paths) to every NAR on disk.
+
+The closure is walked breadth-first through narinfo References with bounded concurrency, each
+narinfo once, and each NAR is fetched as soon as its narinfo is known, through the same
+coalesced, verified path that serves clients. Committed entries cost nothing, so a repeated or
+interrupted prefetch only fetches what is missing.
+"""
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from agent import metrics
+from agent.flox.floxhub import EnvRef, FloxHub, FloxHubError, RefError, ResolvedEnv
+from agent.flox.lockfile import Lockfile, LockfileError, node_system, parse_lockfile
+from agent.nix.storepath import StorePath, StorePathError
+from agent.store.index import EnvironmentRow
+from agent.store.store import Store
+from agent.upstream.client import UpstreamError
+from agent.upstream.fetch import Fetcher, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class TargetError(ValueError):
+    """A prewarm request that cannot be understood (bad ref, lockfile, or store path)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to prefetch. `name` identifies it in the index, pins and metrics."""
+
+    name: str
+    env: EnvRef | None = None
+    lockfile: str | None = None
+    store_paths: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, *, ref: str | None = None, lockfile: str | None = None,
+              store_paths: Iterable[str] = ()) -> "Target":
+        paths = tuple(store_paths)
+        if sum(map(bool, (ref, lockfile, paths))) != 1:
+            raise TargetError("give exactly one of: an environment ref, a lockfile, store paths")
+        if ref:
+            try:
+                env = EnvRef.parse(ref)
+            except RefError as e:
+                raise TargetError(str(e)) from None
+            return cls(str(env), env=env)
+        if lockfile:
+            try:
+                parse_lockfile(lockfile)
+            except LockfileError as e:
+                raise TargetError(f"lockfile: {e}") from None
+            return cls(f"lockfile:{_digest(lockfile)}", lockfile=lockfile)
+        for p in paths:
+            try:
+                StorePath.parse(p)
+            except StorePathError as e:
+                raise TargetError(str(e)) from None
+        return cls(f"paths:{_digest(' '.join(sorted(paths)))}", store_paths=paths)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Progress:
+    paths_total: int = 0
+    paths_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_fetched: int = 0   # from upstream by this job (0 when everything was present)
+    failures: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second fetched from upstream so far."""
+        elapsed = time.monotonic() - self.started
+        return self.bytes_fetched / elapsed if elapsed > 0 else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {"paths_total": self.paths_total, "paths_done": self.paths_done,
+                "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
+                "bytes_fetched": self.bytes_fetched, "rate_bytes_per_second": round(self.rate),
+                "failures": self.failures}
+
+
+@dataclass
+class Job:
+    id: str
+    target: Target
+    system: str
+    pins: set[str] = field(default_factory=set)
+    state: str = "pending"     # pending | running | succeeded | failed
+    error: str | None = None
+    generation: int | None = None
+    progress: Progress = field(default_factory=Progress)
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    task: "asyncio.Task[None] | None" = field(default=None, repr=False)
+
+    @property
+    def ref(self) -> str:
+        return self.target.name
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "target": self.target.name, "system": self.system,
+                "state": self.state, "error": self.error, "generation": self.generation,
+                "pins": sorted(self.pins), "progress": self.progress.to_json(),
+                "created": self.created, "finished": self.finished}
+
+
+class Prefetcher:
+    def __init__(self, store: Store, fetcher: Fetcher, floxhub: FloxHub | None, *,
+                 system: str | None = None, concurrency: int = 8) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.floxhub = floxhub
+        self.system = system or node_system()
+        self.concurrency = concurrency
+        self.jobs: dict[str, Job] = {}
+        self._running: dict[tuple[str, str], Job] = {}
+        # Called with each environment resolved through FloxHub (the generation watch listens).
+        self.on_resolved: list[Callable[[ResolvedEnv], None]] = []
+
+    # --- the API used by the admin endpoints, the CLI and the Kubernetes watchers ----------
+
+    def submit(self, target: Target, *, pin: str | None = None, system: str | None = None) \
+            -> Job:
+        """Start a prefetch, or join the identical one already running."""
+        system = system or self.system
+        running = self._running.get((target.name, system))
+        if running:
+            if pin:
+                running.pins.add(pin)
+            return running
+        job = Job(uuid.uuid4().hex[:12], target, system, pins={pin} if pin else set())
+        self.jobs[job.id] = job
+        self._running[(target.name, system)] = job
+        job.task = asyncio.ensure_future(self._run(job))
+        self._forget_old_jobs()
+        return job
+
+    async def prewarm(self, ref: str, *, pin: str | None = None, system: str | None = None) \
+            -> Job:
+        return self.submit(Target.parse(ref=ref), pin=pin, system=system)
+
+    def unpin(self, holder: str) -> bool:
+        removed = self.store.index.unpin(holder)
+        self.store.update_gauges()
+        return removed
+
+    def environments(self) -> list[dict[str, object]]:
+        index = self.store.index
+        out = []
+        for env in index.environments():
+            present = index.present(env.closure)
+            total, done = index.closure_bytes(env.closure)
+            out.append({"ref": env.ref, "generation": env.generation, "system": env.system,
+                        "paths": len(env.closure), "paths_present": len(present),
+                        "closure_bytes": total, "present_bytes": done,
+                        "complete": len(present) == len(env.closure),
+                        "pinned_by": sorted(index.holders_of(env.closure[:1])),
+                        "updated": env.updated})
+        return out
+
+    def resume(self) -> int:
+        """After a restart, finish the prefetch of pinned environments that are incomplete."""
+        count = 0
+        for env in self.store.index.environments():
+            holders = self.store.index.holders_of(env.closure[:1])
+            if not holders or len(self.store.index.present(env.closure)) == len(env.closure):
+                continue
+            # A target with only a name walks the closure recorded for it.
+            job = self.submit(Target(env.ref), system=env.system)
+            job.pins.update(holders)
+            count += 1
+        if count:
+            log.info("resuming interrupted prefetches", extra={"fields": {"count": count}})
+        return count
+
+    # --- the work --------------------------------------------------------------------------
+
+    async def _run(self, job: Job) -> None:
+        job.state = "running"
+        label = job.target.name
+        try:
+            roots = await self._roots(job)
+            closure = await self._walk_and_fetch(job, roots)
+            self._record(job, closure)
+            if job.progress.failures:
+                n = len(job.progress.failures)
+                first = next(iter(job.progress.failures.items()))
+                raise RuntimeError(f"{n} path(s) failed, first {first[0]}: {first[1]}")
+            job.state = "succeeded"
+        except (FloxHubError, TargetError, LockfileError, RuntimeError) as e:
+            job.state, job.error = "failed", str(e)
+        except Exception as e:  # never let a job die silently
+            log.exception("prefetch crashed", extra={"fields": {"job": job.id}})
+            job.state, job.error = "failed", f"internal error: {type(e).__name__}"
+        finally:
+            job.finished = time.time()
+            self._running.pop((job.target.name, job.system), None)
+            metrics.PREWARM_JOBS.labels(job.state).inc()
+            if job.progress.bytes_total:
+                metrics.PREWARM_PROGRESS.labels(label).set(
+                    job.progress.bytes_done / job.progress.bytes_total)
+                metrics.PREWARM_REMAINING.labels(label).set(
+                    job.progress.bytes_total - job.progress.bytes_done)
+            log.info("prefetch finished", extra={"fields": {
+                "job": job.id, "target": label, "state": job.state, "error": job.error,
+                **job.progress.to_json()}})
+            job._done.set()
+
+    async def _roots(self, job: Job) -> list[str]:
+        t = job.target
+        if t.env:
+            if self.floxhub is None:
+                raise TargetError("FloxHub is not configured")
+            resolved = await self.floxhub.resolve(t.env)
+            job.generation = resolved.generation
+            for callback in self.on_resolved:
+                callback(resolved)
+            return _system_roots(resolved.lockfile, job.system, t.name)
+        if t.lockfile:
+            lock = parse_lockfile(t.lockfile)
+            return _system_roots(lock, job.system, t.name)
+        if t.store_paths:
+            return [StorePath.parse(p).hash_part for p in t.store_paths]
+        # A resumed target: its recorded closure.
+        env = next((e for e in self.store.index.environments() if e.ref == t.name), None)
+        return list(env.closure) if env else []
+
+    async def _walk_and_fetch(self, job: Job, roots: list[str]) -> list[str]:
+        roots = [StorePath.parse(r).hash_part if r.startswith("/") else r for r in roots]
+        seen: set[str] = set(roots)
+        order: list[str] = list(roots)
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        for h in roots:
+            queue.put_nowait(h)
+        p = job.progress
+        p.paths_total = len(roots)
+        files_counted: set[str] = set()
+
+        async def visit(h: str) -> None:
+            try:
+                found = await self.fetcher.lookup(h)
+            except UpstreamUnavailable as e:
+                p.failures[h] = f"upstream unavailable: {e}"
+                return
+            if found.row is None:
+                p.failures[h] = "not found in any upstream"
+                return
+            for ref in found.row.refs:
+                if ref not in seen:
+                    seen.add(ref)
+                    order.append(ref)
+                    p.paths_total += 1
+                    queue.put_nowait(ref)
+            nar = self.store.nar(found.row.nar_file)
+            size = (nar.file_size or nar.nar_size) if nar else 0
+            if found.row.nar_file not in files_counted:
+                files_counted.add(found.row.nar_file)
+                p.bytes_total += size
+            if job.pins:  # protect what is known before fetching the rest
+                for holder in job.pins:
+                    self.store.index.pin_add(holder, [h])
+            try:
+                fetched = await self.fetcher.ensure_nar(found.row.nar_file)
+            except (UpstreamError, UpstreamUnavailable, Exception) as e:
+                p.failures[h] = str(e) or type(e).__name__
+                return
+            p.bytes_fetched += fetched
+            if fetched:
+                metrics.PREFETCHED_PATHS.inc()
+                metrics.PREFETCHED_BYTES.inc(fetched)
+            p.bytes_done += size
+            p.paths_done += 1
+
+        async def worker() -> None:
+            while True:
+                h = await queue.get()
+                try:
+                    await visit(h)
+                finally:
+                    queue.task_done()
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+        try:
+            await queue.join()
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        return order
+
+    def _record(self, job: Job, closure: list[str]) -> None:
+        total, _ = self.store.index.closure_bytes(closure)
+        self.store.index.save_environment(EnvironmentRow(
+            job.target.name, job.generation, job.system, tuple(closure), total, time.time()))
+        for holder in job.pins:
+            self.store.index.pin(holder, closure)
+        self.store.update_gauges()
+
+    def _forget_old_jobs(self, keep: int = 500) -> None:
+        finished = [j for j in self.jobs.values() if j.finished]
+        for j in sorted(finished, key=lambda j: j.created)[:max(0, len(finished) - keep)]:
+            del self.jobs[j.id]
+
+
+def _system_roots(lock: Lockfile, system: str, name: str) -> list[str]:
+    roots = lock.roots(system)
+    if not roots and lock.systems():
+        raise TargetError(f"{name} has no packages for system {system} "
+                          f"(it has {', '.join(sorted(lock.systems()))})")
+    return roots
