@@ -210,7 +210,7 @@ class PrewarmWork:
     async def _follow(self, jobs: list[Job], deadline: float | None) -> bool:
         """Report progress until every job ends; True when the deadline passed first."""
         waiter = asyncio.ensure_future(asyncio.gather(*(j.wait() for j in jobs)))
-        late = False
+        late, last = False, None
         try:
             while not waiter.done():
                 remaining = None if deadline is None else deadline - time.time()
@@ -219,8 +219,9 @@ class PrewarmWork:
                     p = _totals(jobs)
                     await self._fail(jobs, f"{DEADLINE_EXCEEDED} ({p['pathsDone']}/"
                                            f"{p['pathsTotal']} paths)")
-                elif not late:
-                    await self.report.status("Pulling", jobs)
+                elif not late and _totals(jobs) != last:
+                    last = _totals(jobs)  # unchanged progress is not rewritten: every write
+                    await self.report.status("Pulling", jobs)  # wakes every agent's watch
                 timeout = self.h.report_interval
                 if remaining is not None and remaining > 0:
                     timeout = min(timeout, remaining)
