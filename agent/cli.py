@@ -86,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
         description="Node-local Nix binary cache for Flox pods. Every run option can also be "
         "set as FLOX_NODE_CACHE_<OPTION> (e.g. FLOX_NODE_CACHE_STORE_BUDGET=50G) or in the "
         "--config file; flags win over the environment, which wins over the file.",
-        epilog="exit codes: 0 ok, 1 failed, 2 usage/configuration error, 3 agent unreachable")
+        epilog="exit codes: 0 ok, 1 failed, 2 usage/configuration error, 3 agent unreachable, "
+        "4 prewarm --cluster --wait timed out, 5 no node matches the prewarm")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the agent", description="Run the agent until "

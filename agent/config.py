@@ -99,6 +99,9 @@ class Config:
             raise ConfigError(str(e)) from None
         except OSError as e:
             raise ConfigError(f"signing key file: {e.strerror}: {self.signing_key_file}") from None
+        if self.kubernetes == "on" and not self.node_name:
+            raise ConfigError("Kubernetes is on but the node name is unknown: set NODE_NAME "
+                              "(downward API) or --node-name")
         if self.require_signatures and not keys:
             raise ConfigError("signatures are required but no --trusted-public-key is set")
         return replace(self, public_keys=keys, signing_key=secret)

@@ -9,16 +9,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import metrics
-from agent.config import Config
+from agent.config import Config, parse_size
 from agent.flox.floxhub import FloxHub, ResolvedEnv
 from agent.flox.watch import GenerationWatch
 from agent.prefetch import Prefetcher, Target
 from agent.store.gc import collect
 from agent.store.store import Store
+from agent.store.verify import Scrubber
 from agent.upstream.client import CircuitBreaker, Timeouts, Upstream
 from agent.upstream.fetch import IO_POOL, Fetcher
 
 log = logging.getLogger(__name__)
+
+
+def kubernetes_enabled(config: Config) -> bool:
+    """on: always; off: never; auto: inside a cluster or with --kubeconfig."""
+    if config.kubernetes == "auto":
+        import os
+
+        return bool(config.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST"))
+    return config.kubernetes == "on"
 
 
 class Savings:
@@ -74,7 +84,33 @@ class Agent:
         agent.watch.on_change = agent._new_generation
         prefetcher.on_resolved.append(agent._track_environment)
         agent.jobs += [agent.watch.run, agent._gc_loop]
+        if config.scrub_interval > 0:
+            agent.jobs.append(agent._scrub_loop)
+        if kubernetes_enabled(config):
+            agent.jobs.append(agent._kubernetes)
         return agent
+
+    async def _kubernetes(self) -> None:
+        from agent.kube import run_kubernetes
+
+        cfg = self.config
+        await run_kubernetes(self.prefetcher, node_name=cfg.node_name or "",
+                             kubeconfig=str(cfg.kubeconfig) if cfg.kubeconfig else None,
+                             system=cfg.system)
+
+    async def _scrub_loop(self) -> None:
+        scrubber = Scrubber(self.store, parse_size(self.config.scrub_rate))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.scrub_interval)
+            try:
+                found = await loop.run_in_executor(IO_POOL, scrubber.scrub_once, self._busy)
+            except Exception:
+                log.exception("scrub failed")
+                continue
+            for problem in found:
+                log.warning("scrub removed a damaged entry", extra={"fields": {
+                    "file": problem.file, "problem": problem.detail}})
 
     # --- environments in use are watched for new generations ------------------------------
 

@@ -32,7 +32,8 @@ from agent.kube.client import ENABLED_LABEL, GROUP, KIND, PLURAL, VERSION, make_
 from agent.kube.prewarm import DEADLINE_EXCEEDED, MERGE_PATCH
 
 Obj = dict[str, Any]
-EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT, EXIT_NO_NODES = 0, 1, 2, 3
+# 2 and 3 keep their CLI-wide meanings (usage error, unreachable); these are specific.
+EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT, EXIT_NO_NODES = 0, 1, 4, 5
 POLL_INTERVAL = 1.0
 
 

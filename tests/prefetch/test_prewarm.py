@@ -13,18 +13,11 @@ from agent.flox.lockfile import node_system
 from tests.support.agent import AgentProcess
 from tests.support.floxmeta import Floxmeta
 from tests.support.gitserver import GitHTTPServer
+from tests.support.lockfiles import lockfile_for
 from tests.support.nixenv import Closure, build_closure, nix_copy, path_valid_in, publish
 from tests.support.upstream import UpstreamServer
 
 TOKEN = "fhub-secret-token-6d3f2a"  # a test token: must never reach the logs
-
-
-def lockfile_for(*roots: str) -> str:
-    """A lockfile-version 1 with one store-path entry per root, for both Linux systems."""
-    packages = [{"install_id": f"pkg{i}", "store_path": root, "system": system, "priority": 5,
-                 "some_future_field": {"ignored": True}}
-                for i, root in enumerate(roots) for system in ("x86_64-linux", "aarch64-linux")]
-    return json.dumps({"lockfile-version": 1, "manifest": {"version": 1}, "packages": packages})
 
 
 @pytest.fixture
