@@ -1,0 +1,98 @@
+"""Notice `flox push` to tracked environments, so their new live generation can be prefetched
+before the next pod asks for it.
+
+Each round costs one `git ls-remote` per tracked environment; only a moved branch triggers a
+fetch and a resolve, and only a changed live generation triggers `on_change`.
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from agent import metrics
+from agent.flox.floxhub import EnvRef, FloxHub, FloxHubError, ResolvedEnv
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+@dataclass
+class _State:
+    commit: str | None = None
+    generation: int | None = None
+    # False until the first resolve: that one records a baseline instead of a change.
+    known: bool = False
+    # A change whose on_change failed: delivered again next round.
+    pending: ResolvedEnv | None = None
+
+
+class GenerationWatch:
+    def __init__(self, floxhub: FloxHub, interval: float,
+                 on_change: Callable[[ResolvedEnv], Awaitable[None]]) -> None:
+        self.floxhub = floxhub
+        self.interval = interval
+        self.on_change = on_change
+        self._states: dict[Key, _State] = {}
+
+    def track(self, owner: str, env: str, *, generation: int | None = None) -> None:
+        """Watch owner/env. Pass the generation the caller already handled, if any: a different
+        live generation at the first check is then a change; without it, the first check only
+        records what is live."""
+        EnvRef(owner, env)  # validates the names now rather than in every round
+        if (owner, env) not in self._states:
+            self._states[(owner, env)] = _State(generation=generation,
+                                                known=generation is not None)
+
+    def untrack(self, owner: str, env: str) -> None:
+        self._states.pop((owner, env), None)
+
+    def tracked(self) -> set[Key]:
+        return set(self._states)
+
+    async def run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self.interval)
+
+    async def check_once(self) -> None:
+        keys = list(self._states)
+        await asyncio.gather(*(self._check_logged(key) for key in keys))
+
+    async def _check_logged(self, key: Key) -> None:
+        # A FloxHub outage or a failing callback must not stop the watch: retry next round.
+        try:
+            await self._check(key)
+        except FloxHubError as e:  # expected during outages: the message says it all
+            log.warning("generation watch of %s/%s failed; retrying in %gs: %s", *key,
+                        self.interval, e)
+        except Exception:
+            log.exception("generation watch of %s/%s failed; retrying in %gs", *key,
+                          self.interval)
+
+    async def _check(self, key: Key) -> None:
+        state = self._states.get(key)
+        if state is None:
+            return
+        if state.pending is None:
+            commit = await self.floxhub.live_commit(*key)
+            if commit is None:
+                log.warning("tracked environment %s/%s is not on FloxHub", *key)
+                return
+            if commit == state.commit:
+                return
+            resolved = await self.floxhub.resolve(EnvRef(*key))
+            self._observe(key, state, resolved)
+        if state.pending is not None:
+            await self.on_change(state.pending)
+            state.pending = None
+
+    def _observe(self, key: Key, state: _State, resolved: ResolvedEnv) -> None:
+        state.commit = resolved.commit
+        if state.known and resolved.generation != state.generation:
+            log.info("%s/%s: live generation %s -> %d", *key, state.generation,
+                     resolved.generation)
+            metrics.GENERATION_CHANGES.inc()
+            state.pending = resolved
+        state.generation, state.known = resolved.generation, True
