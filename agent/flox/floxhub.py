@@ -328,8 +328,9 @@ class FloxHub:
 
     async def _prepare(self, owner: str) -> Path:
         repo = self._repo(owner)
-        if owner not in self._ready:
-            # `git init` is idempotent; setting the URL each start follows a changed git base.
+        if owner not in self._ready or not (repo / "HEAD").exists():
+            # `git init` is idempotent; setting the URL each start follows a changed git base,
+            # and re-checking HEAD recovers from a cache directory wiped under us.
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             await self._git("init", "--bare", "--quiet", str(repo))
             await self._git("--git-dir", str(repo), "config", "remote.origin.url",

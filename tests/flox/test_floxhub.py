@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -324,3 +325,9 @@ async def test_silent_server_times_out(tmp_path: Path, token_file: Path) -> None
         e = await error_of(hub, "alice/k8s-tools")
     assert isinstance(e, FloxHubUnreachable) and "did not answer within 1s" in str(e)
     assert TOKEN not in str(e)
+
+
+async def test_wiped_cache_is_recreated(hub: FloxHub) -> None:
+    await hub.resolve(EnvRef.parse("alice/hello"))
+    shutil.rmtree(hub.cache_dir)
+    assert (await hub.resolve(EnvRef.parse("alice/k8s-tools:3"))).lockfile_text == GENERATIONS[2]
