@@ -46,6 +46,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
       help="start evicting above this share of the budget (default 0.95)")
     a("--gc-low-watermark", type=float, metavar="RATIO",
       help="evict down to this share of the budget (default 0.85)")
+    a("--gc-interval", type=float, metavar="SECONDS",
+      help="seconds between eviction checks (default 30)")
     a("--scrub-interval", type=float, metavar="SECONDS",
       help="seconds between background re-hash passes, 0 to disable (default 3600)")
     a("--scrub-rate", metavar="SIZE", help="bytes per second the scrub may read (default 20M)")

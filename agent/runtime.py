@@ -153,6 +153,7 @@ class Agent:
     async def _gc_loop(self) -> None:
         while True:
             try:
+                self.store.check_disk_recovered()
                 await self.collect_garbage()
             except Exception:
                 log.exception("eviction pass failed")

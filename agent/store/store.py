@@ -119,6 +119,17 @@ class Store:
         st = os.statvfs(self.layout.root)
         return st.f_bavail * st.f_frsize
 
+    def set_disk_full(self, full: bool) -> None:
+        if full != self.disk_full:
+            log.warning("store disk full" if full else "store disk writable again")
+        self.disk_full = full
+        metrics.STORE_DISK_FULL.set(int(full))
+
+    def check_disk_recovered(self, headroom: int = 64 << 20) -> None:
+        """Clear the disk-full state once there is room again (a commit also clears it)."""
+        if self.disk_full and self.free_bytes() > min(headroom, self.filesystem_bytes() // 10):
+            self.set_disk_full(False)
+
     def update_gauges(self) -> None:
         metrics.STORE_BYTES.set(self.index.used_bytes())
         for kind, n in self.index.counts().items():

@@ -253,16 +253,13 @@ class Transfer:
         reason = "disk_full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
         metrics.STORE_WRITE_ERRORS.labels(reason).inc()
         if reason == "disk_full":
-            self.fetcher.store.disk_full = True
-            metrics.STORE_DISK_FULL.set(1)
+            self.fetcher.store.set_disk_full(True)
 
     def _commit(self, file_hash: Hash) -> None:
         assert self._tmp is not None
         self.fetcher.store.commit_nar(self._tmp, self.nar.file, file_hash, self.written)
         self._tmp = None
-        if self.fetcher.store.disk_full:
-            self.fetcher.store.disk_full = False
-            metrics.STORE_DISK_FULL.set(0)
+        self.fetcher.store.set_disk_full(False)
 
     def _release(self) -> None:
         if self.done and self._readers == 0 and self._fd is not None:
