@@ -37,13 +37,13 @@ class GenerationWatch:
         self._states: dict[Key, _State] = {}
 
     def track(self, owner: str, env: str, *, generation: int | None = None) -> None:
-        """Watch owner/env. Pass the generation the caller already handled, if any: a different
-        live generation at the first check is then a change; without it, the first check only
-        records what is live."""
+        """Watch owner/env (again). Pass the generation the caller already handled, if any: a
+        different live generation at the next check is then a change; without it, the first
+        check only records what is live."""
         EnvRef(owner, env)  # validates the names now rather than in every round
-        if (owner, env) not in self._states:
-            self._states[(owner, env)] = _State(generation=generation,
-                                                known=generation is not None)
+        state = self._states.setdefault((owner, env), _State())
+        if generation is not None:  # the caller has just handled this one: not a change
+            state.generation, state.known = generation, True
 
     def untrack(self, owner: str, env: str) -> None:
         self._states.pop((owner, env), None)

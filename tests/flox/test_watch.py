@@ -153,3 +153,16 @@ async def test_errors_never_stop_the_watch(hub: FloxHub, tmp_path: Path,
     await dead.check_once()
     assert "watch of alice/tools failed" in caplog.text
     assert TOKEN not in caplog.text
+
+
+async def test_retrack_with_a_handled_generation_is_not_a_change(hub: FloxHub,
+                                                                 floxmeta: Floxmeta) -> None:
+    seen = Recorder()
+    watch = GenerationWatch(hub, 60, seen)
+    watch.track("alice", "tools")
+    await watch.check_once()
+    floxmeta.add_generation("alice", "tools", GEN[2])
+    watch.track("alice", "tools", generation=3)  # a pod already resolved and prefetched it
+    await watch.check_once()
+    assert seen.calls == []
+    assert watch.tracked() == {("alice", "tools")}
