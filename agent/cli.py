@@ -54,6 +54,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     a("--recompress", choices=("zstd", "none"),
       help="re-encode ingested NARs to zstd for faster client unpacking (default zstd)")
     a("--recompress-level", type=int, metavar="N", help="zstd level (default 3)")
+    a("--recompress-grace", type=float, metavar="SECONDS",
+      help="how long the original encoding stays servable for clients holding its narinfo "
+      "(default 3600)")
     a("--upstream-connect-timeout", type=float, metavar="SECONDS", help="default 5")
     a("--upstream-read-timeout", type=float, metavar="SECONDS",
       help="longest silence in an upstream response (default 30)")

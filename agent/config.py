@@ -43,6 +43,7 @@ class Config:
     scrub_rate: str = "20M"
     recompress: str = "zstd"
     recompress_level: int = 3
+    recompress_grace: float = 3600.0
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 30.0
     upstream_narinfo_timeout: float = 10.0
@@ -86,6 +87,8 @@ class Config:
             if not re.fullmatch(r"(https?|file)://\S+", url):
                 raise ConfigError(f"upstream {url!r} is not an http(s):// or file:// URL")
         _choice("recompress", self.recompress, ("zstd", "none"))
+        if not 1 <= self.recompress_level <= 22:
+            raise ConfigError("recompress-level must be a zstd level from 1 to 22")
         _choice("log-format", self.log_format, ("text", "json"))
         _choice("log-level", self.log_level, ("debug", "info", "warning", "error"))
         _choice("kubernetes", self.kubernetes, ("auto", "on", "off"))

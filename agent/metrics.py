@@ -69,6 +69,8 @@ EVICTIONS = Counter(f"{P}_evictions_total", "Entries removed to stay within the 
 EVICTED_BYTES = Counter(f"{P}_evicted_bytes_total", "Bytes removed to stay within the budget")
 GC_DURATION = Histogram(f"{P}_gc_duration_seconds", "Duration of an eviction pass",
                         buckets=GC_LATENCY)
+RECOMPRESSIONS = Counter(f"{P}_recompressions_total",
+                         "NARs re-encoded to zstd for faster unpacking, by outcome", ["outcome"])
 SCRUBBED_BYTES = Counter(f"{P}_scrubbed_bytes_total", "Bytes re-hashed by the background scrub")
 
 # --- prefetch --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from agent.flox.floxhub import FloxHub, ResolvedEnv
 from agent.flox.watch import GenerationWatch
 from agent.prefetch import Prefetcher, Target
 from agent.store.gc import collect
+from agent.store.recompress import Recompressor
 from agent.store.store import Store
 from agent.store.verify import Scrubber
 from agent.upstream.client import CircuitBreaker, Timeouts, Upstream
@@ -84,6 +85,11 @@ class Agent:
         agent.watch.on_change = agent._new_generation
         prefetcher.on_resolved.append(agent._track_environment)
         agent.jobs += [agent.watch.run, agent._gc_loop]
+        if config.recompress == "zstd":
+            recompressor = Recompressor(store, config.recompress_level, config.recompress_grace,
+                                        IO_POOL)
+            fetcher.on_commit.append(recompressor.submit)
+            agent.jobs.append(recompressor.run)
         if config.scrub_interval > 0:
             agent.jobs.append(agent._scrub_loop)
         if kubernetes_enabled(config):
@@ -154,6 +160,7 @@ class Agent:
         while True:
             try:
                 self.store.check_disk_recovered()
+                self.store.drop_replaced(self.config.recompress_grace)
                 await self.collect_garbage()
             except Exception:
                 log.exception("eviction pass failed")

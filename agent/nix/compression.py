@@ -81,8 +81,11 @@ class _Zlib:
 
 
 class _Zstd:
+    """One decompressor per frame: a NAR may be several concatenated frames (pzstd), and a
+    stream is complete only at the end of a frame."""
+
     def __init__(self) -> None:
-        self._d = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+        self._d = zstandard.ZstdDecompressor().decompressobj()
         self._seen = False
 
     @property
@@ -90,9 +93,12 @@ class _Zstd:
         return self._seen and self._d.eof
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        if data:
+        while data:
             self._seen = True
+            if self._d.eof:
+                self._d = zstandard.ZstdDecompressor().decompressobj()
             yield self._d.decompress(data)
+            data = self._d.unused_data if self._d.eof else b""
 
     def finish(self) -> Iterator[bytes]:
         return iter(())

@@ -89,7 +89,12 @@ def recover(layout: Layout, index: Index) -> dict[str, int]:
             path.unlink()
             stats["orphans"] += 1
     for info in index.committed_narinfos():
-        if not layout.narinfo(info.hash).exists():
+        path = layout.narinfo(info.hash)
+        if path.exists() and path.read_text() != info.text:
+            # A crash while narinfos were being repointed at a re-encoded NAR.
+            write_atomic(layout, path, info.text.encode())
+            stats["adopted"] += 1
+        elif not path.exists():
             nar = index.nar(info.nar_file)
             if nar and nar.committed:
                 write_atomic(layout, layout.narinfo(info.hash), info.text.encode())

@@ -26,7 +26,9 @@ CREATE TABLE IF NOT EXISTS nars (
     upstream TEXT,                  -- where to fetch it while not committed
     upstream_url TEXT,
     committed INTEGER NOT NULL DEFAULT 0,
-    last_access REAL NOT NULL
+    last_access REAL NOT NULL,
+    replaced_by TEXT,               -- re-encoded as this file; kept a while for old narinfos
+    replaced_at REAL
 );
 CREATE INDEX IF NOT EXISTS nars_by_hash ON nars (nar_hash, committed);
 CREATE TABLE IF NOT EXISTS narinfos (
@@ -145,9 +147,26 @@ class Index:
 
     @_locked
     def committed_nar_with_hash(self, nar_hash: str) -> NarRow | None:
-        row = self.db.execute(f"SELECT {_NAR_COLS} FROM nars WHERE nar_hash = ? AND committed = 1",
-                              (nar_hash,)).fetchone()
+        row = self.db.execute(f"SELECT {_NAR_COLS} FROM nars WHERE nar_hash = ? AND committed = 1 "
+                              "ORDER BY replaced_by IS NULL DESC", (nar_hash,)).fetchone()
         return _nar_row(row) if row else None
+
+    @_locked
+    def replace_nar(self, old: str, new: NarRow, narinfos: list[NarInfoRow]) -> None:
+        """Point every narinfo of `old` at the re-encoded `new`; keep `old` for a grace period."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(f"INSERT OR REPLACE INTO nars ({_NAR_COLS}, last_access) "
+                       "VALUES (?,?,?,?,?,?,?,?,?,?)", (*_nar_values(new), now))
+            db.executemany("UPDATE narinfos SET nar_file = ?, text = ? WHERE hash = ?",
+                           [(new.file, i.text, i.hash) for i in narinfos])
+            db.execute("UPDATE nars SET replaced_by = ?, replaced_at = ? WHERE file = ?",
+                       (new.file, now, old))
+
+    @_locked
+    def replaced_before(self, cutoff: float) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT file FROM nars WHERE replaced_by IS NOT NULL AND replaced_at < ?", (cutoff,))]
 
     @_locked
     def put_pending(self, nar: NarRow, info: NarInfoRow) -> None:

@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from agent import metrics
@@ -97,6 +98,31 @@ class Store:
             write_atomic(self.layout, self.layout.narinfo(info.hash), info.text.encode())
             self.index.mark_narinfo_committed(info.hash)
         self.update_gauges()
+
+    def replace_encoding(self, old: NarRow, tmp: Path, file: str, compression: str,
+                         file_hash: Hash, file_size: int) -> None:
+        """Publish a verified re-encoding of a committed NAR and repoint its narinfos.
+
+        Only URL, Compression, FileHash and FileSize change, which signatures do not cover."""
+        publish(tmp, self.layout.nar(file))
+        new = NarRow(file, old.nar_hash, old.nar_size, compression, str(file_hash), file_size,
+                     None, None, committed=True)
+        infos = []
+        for info in self.index.narinfos_for_nar(old.file):
+            served = parse_narinfo(info.text).with_file(file, compression, file_hash, file_size)
+            infos.append(_narinfo_row(served, file, committed=info.committed))
+        self.index.replace_nar(old.file, new, infos)
+        for info in infos:
+            if info.committed:
+                write_atomic(self.layout, self.layout.narinfo(info.hash), info.text.encode())
+        self.update_gauges()
+
+    def drop_replaced(self, older_than: float) -> int:
+        """Delete old encodings whose grace period is over; returns how many."""
+        old = self.index.replaced_before(time.time() - older_than)
+        for file in old:
+            self.remove_nar(file)
+        return len(old)
 
     def discard_pending(self, file: str) -> None:
         """Forget an upstream narinfo whose NAR failed verification: the next ask refetches."""

@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,8 @@ class Fetcher:
         self._negative: dict[str, float] = {}
         self._narinfo_inflight: dict[str, asyncio.Future[NarInfoRow | None]] = {}
         self.transfers: dict[str, Transfer] = {}
+        # Called (on the event loop) with each NAR file committed; re-encoding listens.
+        self.on_commit: list[Callable[[str], None]] = []
 
     # --- narinfo ---------------------------------------------------------------------------
 
@@ -210,6 +212,8 @@ class Transfer:
             await loop.run_in_executor(IO_POOL, verifier.finish)
             await loop.run_in_executor(IO_POOL, self._commit, verifier.file_hash())
             self.visible = self.written
+            for callback in self.fetcher.on_commit:
+                callback(self.nar.file)
             log.info("nar fetched", extra={"fields": {
                 "upstream": self.upstream.name, "file": self.nar.file, "bytes": self.received,
                 "seconds": round(time.monotonic() - start, 3)}})

@@ -188,8 +188,9 @@ def test_corrupt_entry_fails_the_client_then_scrub_repairs_it(
         small_closure: Closure) -> None:
     root = small_closure.roots[0]
     store = tmp_path / "store"
-    with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]], store=store) \
-            as agent:
+    # One encoding per NAR (no zstd copy beside the xz one), so the repair must go upstream.
+    with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]],
+                      "--recompress", "none", store=store) as agent:
         assert nix_copy(agent.url, tmp_path / "warm", [root], [signing_key[1]]).returncode == 0
     url = next(x.split(": ", 1)[1] for x in
                (store / f"{hash_part(root)}.narinfo").read_text().splitlines()
@@ -212,7 +213,7 @@ def test_corrupt_entry_fails_the_client_then_scrub_repairs_it(
     # The background scrub removes it; the next request fetches it again from upstream.
     upstream_server.reset_counts()
     with AgentProcess(tmp_path / "c", [upstream_server.url], [signing_key[1]],
-                      "--scrub-interval", "0.5", store=store) as agent:
+                      "--scrub-interval", "0.5", "--recompress", "none", store=store) as agent:
         wait_for(lambda: not nar.exists(), "the scrub to remove the damaged NAR")
         assert agent.metric("flox_node_cache_verification_failures_total", reason="scrub") == 1
         r = nix_copy(agent.url, tmp_path / "good", [root], [signing_key[1]], extra_config=QUICK)

@@ -1,0 +1,116 @@
+"""Re-encode ingested NARs to zstd, so Nix clients unpack them fast.
+
+Most upstream NARs are xz, which a Nix client decompresses several times slower than zstd. After
+a NAR is committed, a background worker (off the event loop) re-encodes it, verifies the result
+against the signed NarHash and NarSize, publishes it and repoints its narinfos. The upstream
+Sig lines stay valid: they do not cover URL, Compression, FileHash or FileSize. The old file
+stays servable for a grace period, for clients that fetched the old narinfo just before.
+"""
+
+import asyncio
+import hashlib
+import logging
+import os
+
+import zstandard
+
+from agent import metrics
+from agent.nix.compression import decoder
+from agent.nix.hashes import Hash
+from agent.nix.verify import NarVerifier, VerificationError
+from agent.store.layout import nar_file_name
+from agent.store.store import Store
+from agent.store.verify import verify_info
+
+log = logging.getLogger(__name__)
+READ = 1 << 20
+# Already fast to unpack: nothing to gain.
+SKIP = {"zstd", "none"}
+
+
+class Recompressor:
+    def __init__(self, store: Store, level: int, grace: float, pool: object) -> None:
+        self.store = store
+        self.level = level
+        self.grace = grace
+        self.pool = pool
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def submit(self, file: str) -> None:
+        row = self.store.nar(file)
+        if row and row.compression not in SKIP:
+            self.queue.put_nowait(file)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            file = await self.queue.get()
+            try:
+                await loop.run_in_executor(self.pool, self.recompress, file)  # type: ignore
+            except Exception:
+                log.exception("re-encoding failed", extra={"fields": {"file": file}})
+                metrics.RECOMPRESSIONS.labels("error").inc()
+            finally:
+                self.queue.task_done()
+            self.store.drop_replaced(self.grace)
+
+    def recompress(self, file: str) -> None:
+        old = self.store.nar(file)
+        if old is None or not old.committed or old.compression in SKIP:
+            return
+        fd, tmp = self.store.new_temp()
+        try:
+            file_hash, size = self._encode(self.store.layout.nar(file), old.compression, fd)
+            self._verify(tmp, old, file_hash, size)
+            new_file = nar_file_name(file_hash, "zstd")
+            if self.store.nar(new_file) is None:
+                self.store.replace_encoding(old, tmp, new_file, "zstd", file_hash, size)
+        except VerificationError as e:
+            metrics.RECOMPRESSIONS.labels("rejected").inc()
+            log.error("re-encoded NAR failed verification", extra={"fields": {
+                "file": file, "error": str(e)}})
+            return
+        finally:
+            tmp.unlink(missing_ok=True)
+        metrics.RECOMPRESSIONS.labels("ok").inc()
+        log.info("re-encoded", extra={"fields": {"file": file, "as": new_file,
+                                                 "bytes_before": old.file_size, "bytes": size}})
+
+    def _encode(self, source: os.PathLike, compression: str, fd: int) -> tuple[Hash, int]:
+        dec = decoder(compression)
+        digest = hashlib.sha256()
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+            hashing = _HashingWriter(out, digest)
+            writer = zstandard.ZstdCompressor(level=self.level).stream_writer(
+                hashing, closefd=False)
+            while chunk := src.read(READ):
+                for data in dec.feed(chunk):
+                    writer.write(data)
+            for data in dec.finish():
+                writer.write(data)
+            writer.flush(zstandard.FLUSH_FRAME)
+            writer.close()
+        return Hash("sha256", digest.digest()), hashing.size
+
+    def _verify(self, tmp: os.PathLike, old, file_hash: Hash, size: int) -> None:  # type: ignore
+        info = verify_info(old).with_file(old.file, "zstd", file_hash, size)
+        verifier = NarVerifier(info)
+        with open(tmp, "rb") as f:
+            while chunk := f.read(READ):
+                verifier.update(chunk)
+        verifier.finish()
+
+
+class _HashingWriter:
+    """A file-like sink that hashes and counts what the zstd writer emits."""
+
+    def __init__(self, out, digest) -> None:  # type: ignore[no-untyped-def]
+        self.out, self.digest, self.size = out, digest, 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()

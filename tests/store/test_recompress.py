@@ -1,0 +1,92 @@
+"""NARs re-encoded to zstd after ingest: verified, signatures kept, old URL served a while."""
+
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.support.agent import AgentProcess
+from tests.support.nixenv import Closure, hash_part, nix_copy, path_valid_in
+from tests.support.upstream import UpstreamServer
+
+
+def fields(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(": ")
+        out.setdefault(k, []).append(v)
+    return out
+
+
+async def narinfo(agent: AgentProcess, path: str) -> dict[str, list[str]]:
+    async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/{hash_part(path)}.narinfo") as r:
+        assert r.status == 200
+        return fields(await r.text())
+
+
+async def wait_zstd(agent: AgentProcess, paths: list[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        infos = [await narinfo(agent, p) for p in paths]
+        if all(i["Compression"] == ["zstd"] for i in infos):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not re-encoded: {infos}")
+
+
+async def test_reencoded_nars_keep_signatures_and_the_old_url_works_during_grace(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
+        small_closure: Closure, published_cache: Path) -> None:
+    # What the upstream serves (and the agent served first): xz, under Nix's own file names.
+    before = {p: fields((published_cache / f"{hash_part(p)}.narinfo").read_text())
+              for p in small_closure.paths}
+    assert all(i["Compression"] == ["xz"] for i in before.values())
+    with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]]) as agent:
+        r = nix_copy(agent.url, tmp_path / "n1", small_closure.roots, [signing_key[1]])
+        assert r.returncode == 0, r.stderr
+        await wait_zstd(agent, small_closure.paths)
+        for p in small_closure.paths:
+            after = await narinfo(agent, p)
+            assert after["Sig"] == before[p]["Sig"]
+            assert after["NarHash"] == before[p]["NarHash"]
+            assert after["URL"][0].endswith(".nar.zst")
+            assert (agent.store / after["URL"][0]).exists()
+            # A client that read the old narinfo a moment ago can still fetch the old file.
+            async with aiohttp.ClientSession() as s, \
+                    s.get(f"{agent.url}/{before[p]['URL'][0]}") as resp:
+                assert resp.status == 200
+        assert agent.metric("flox_node_cache_recompressions_total", outcome="ok") \
+            == len(small_closure.paths)
+
+        # A cold client checks the upstream signatures against the zstd narinfos: still valid.
+        upstream_server.reset_counts()
+        r = nix_copy(agent.url, tmp_path / "n2", small_closure.roots, [signing_key[1]])
+        assert r.returncode == 0, r.stderr
+        assert all(path_valid_in(tmp_path / "n2", p) for p in small_closure.paths)
+        assert upstream_server.requests == []
+        # The store directory itself stays a valid cache with the new files.
+        r = nix_copy(f"file://{agent.store}", tmp_path / "n3", small_closure.roots,
+                     [signing_key[1]])
+        assert r.returncode == 0, r.stderr
+
+
+async def test_old_encodings_are_dropped_after_grace_and_none_disables(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
+        small_closure: Closure) -> None:
+    with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]],
+                      "--recompress-grace", "0", "--gc-interval", "0.2") as agent:
+        assert nix_copy(agent.url, tmp_path / "n", small_closure.roots,
+                        [signing_key[1]]).returncode == 0
+        await wait_zstd(agent, small_closure.paths)
+        deadline = time.monotonic() + 10
+        while any(agent.store.glob("nar/*.nar.xz")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list(agent.store.glob("nar/*.nar.xz"))
+        assert len(list(agent.store.glob("nar/*.nar.zst"))) == len(small_closure.paths)
+    with AgentProcess(tmp_path / "b", [upstream_server.url], [signing_key[1]],
+                      "--recompress", "none") as plain:
+        assert nix_copy(plain.url, tmp_path / "m", small_closure.roots,
+                        [signing_key[1]]).returncode == 0
+        time.sleep(0.5)
+        for p in small_closure.paths:
+            assert (await narinfo(plain, p))["Compression"] == ["xz"]
