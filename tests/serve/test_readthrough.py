@@ -227,3 +227,20 @@ def test_sigterm_leaves_no_temporary_files(
         assert list((agent.store / ".tmp").iterdir()) == []
         assert not agent.socket.exists()
         t.join(30)
+
+
+def test_agent_adds_its_own_signature_and_keeps_the_upstream_one(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
+        small_closure: Closure) -> None:
+    from tests.support.nixenv import make_keypair
+
+    agent_sk, agent_pk = make_keypair(tmp_path / "keys", "node-cache-1")
+    with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]],
+                      "--signing-key-file", str(agent_sk)) as agent:
+        # The client trusts only the agent's key: the agent's signature must be valid.
+        r = nix_copy(agent.url, tmp_path / "n", small_closure.roots, [agent_pk])
+        assert r.returncode == 0, r.stderr
+        text = (agent.store / f"{hash_part(small_closure.roots[0])}.narinfo").read_text()
+        sigs = [x for x in text.splitlines() if x.startswith("Sig: ")]
+        assert sorted(s.split(":")[1].strip() for s in sigs) == ["node-cache-1",
+                                                                  "upstream-test-1"]
