@@ -128,13 +128,15 @@ def parse(text: str, store_dir: str = STORE_DIR) -> NarInfo:
     )
 
 
+# Anything else (e.g. `System`) is kept in `extra`, so a re-render loses nothing.
 _KNOWN = {"StorePath", "URL", "Compression", "FileHash", "FileSize", "NarHash", "NarSize",
-          "References", "Deriver", "CA", "System"}
+          "References", "Deriver", "CA"}
 
 
 def _size(fields: dict[str, str], key: str) -> int:
     value = fields[key]
-    if not value.isdigit() or len(value) > 19:
+    # ASCII only: str.isdigit() also accepts "²" (int() then fails) and other scripts' digits.
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:
         raise NarInfoError(f"{key} {value!r} is not a size")
     return int(value)
 
