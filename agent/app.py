@@ -115,6 +115,7 @@ async def _periodic(every: float, fn: Callable[[], object], name: str) -> None:
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     metrics.BUILD_INFO.info({"version": __version__})
+    metrics.initialise()
     agent = Agent.build(config)
     await agent.start()
     runners: list[web.AppRunner] = []

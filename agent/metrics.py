@@ -92,3 +92,23 @@ GENERATION_CHANGES = Counter(f"{P}_floxhub_generation_changes_total",
                              "New live generations noticed by the generation watch")
 KUBE_WATCH_RESTARTS = Counter(f"{P}_kube_watch_restarts_total",
                               "Kubernetes watches restarted", ["resource", "reason"])
+
+
+def initialise() -> None:
+    """Create every known label combination at zero, so `rate()` and `increase()` see the first
+    increments after a restart (a labelled series otherwise appears only at its first event)."""
+    for kind in ("narinfo", "nar"):
+        for source in ("local", "upstream", "coalesced", "not_found", "error"):
+            LOOKUPS.labels(kind, source)
+    for source in ("local", "upstream"):
+        SERVED_BYTES.labels(source)
+    for outcome in ("succeeded", "failed"):
+        PREWARM_JOBS.labels(outcome)
+    for reason in ("signature", "malformed", "file_size", "file_hash", "nar_size", "nar_hash",
+                   "decompress", "truncated", "compression", "scrub"):
+        VERIFY_FAILURES.labels(reason)
+    for reason in ("disk_full", "io_error"):
+        STORE_WRITE_ERRORS.labels(reason)
+    for outcome in ("ok", "rejected", "error"):
+        RECOMPRESSIONS.labels(outcome)
+    EVICTIONS.labels("nar")

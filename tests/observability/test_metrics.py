@@ -97,9 +97,9 @@ CASES = {
         [(f"up{{{L}}}", "1 1 0x10")],
         [("FloxNodeCacheDown", "5m", []), ("FloxNodeCacheDown", "8m", [_alert("warning")])]),
     "store near budget for 15m, an unset budget never": _case(
-        [(f"flox_node_cache_store_used_bytes{{{L}}}", "95x30"),
+        [(f"flox_node_cache_store_used_bytes{{{L}}}", "99x30"),
          (f"flox_node_cache_store_budget_bytes{{{L}}}", "100x30"),
-         ('flox_node_cache_store_used_bytes{job="flox-node-cache", node="n2"}', "95x30"),
+         ('flox_node_cache_store_used_bytes{job="flox-node-cache", node="n2"}', "99x30"),
          ('flox_node_cache_store_budget_bytes{job="flox-node-cache", node="n2"}', "0x30")],
         [("FloxNodeCacheStoreNearBudget", "10m", []),
          ("FloxNodeCacheStoreNearBudget", "20m", [_alert("warning")])]),
