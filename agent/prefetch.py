@@ -20,7 +20,6 @@ from agent.flox.lockfile import Lockfile, LockfileError, node_system, parse_lock
 from agent.nix.storepath import StorePath, StorePathError
 from agent.store.index import EnvironmentRow
 from agent.store.store import Store
-from agent.upstream.client import UpstreamError
 from agent.upstream.fetch import Fetcher, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
@@ -278,7 +277,7 @@ class Prefetcher:
                     self.store.index.pin_add(holder, [h])
             try:
                 fetched = await self.fetcher.ensure_nar(found.row.nar_file)
-            except (UpstreamError, UpstreamUnavailable, Exception) as e:
+            except Exception as e:  # upstream error, verification failure, store full
                 p.failures[h] = str(e) or type(e).__name__
                 return
             p.bytes_fetched += fetched

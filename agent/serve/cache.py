@@ -12,8 +12,7 @@ from agent import metrics
 from agent.nix.storepath import is_hash_part
 from agent.runtime import Agent
 from agent.store.layout import is_nar_file
-from agent.upstream.client import UpstreamError
-from agent.upstream.fetch import StoreFull, UpstreamUnavailable
+from agent.upstream.fetch import Transfer, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 NARINFO_TYPE = "text/x-nix-narinfo"
@@ -110,7 +109,7 @@ def _requested_bytes(request: web.Request, size: int) -> int:
     return max(0, stop - start)
 
 
-async def _stream_nar(agent: Agent, request: web.Request, transfer, joined: bool,
+async def _stream_nar(agent: Agent, request: web.Request, transfer: Transfer, joined: bool,
                       size: int | None) -> web.StreamResponse:
     resp = web.StreamResponse(headers=_nar_headers(size))
     await resp.prepare(request)
@@ -121,7 +120,7 @@ async def _stream_nar(agent: Agent, request: web.Request, transfer, joined: bool
         async for chunk in transfer.stream():
             await resp.write(chunk)
             sent += len(chunk)
-    except (UpstreamError, StoreFull, UpstreamUnavailable, Exception) as e:
+    except Exception as e:  # upstream error, verification failure, store full without fallback
         # Headers are out: the only honest signal left is a broken connection.
         log.warning("nar stream aborted", extra={"fields": {"file": transfer.nar.file,
                                                             "sent": sent, "error": str(e)}})

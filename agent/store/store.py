@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from agent import metrics
@@ -70,9 +71,8 @@ class Store:
         name_hash = info.file_hash if info.file_hash and info.file_hash.algo == "sha256" \
             else info.nar_hash
         file = nar_file_name(name_hash, info.compression)
-        served = info.with_file(file, info.compression, info.file_hash or name_hash,
-                                info.file_size) if info.file_hash else \
-            _with_url(info, file)
+        # Without a FileHash upstream, the file fields are filled in when the NAR is committed.
+        served = replace(info, url=file)
         nar = NarRow(file, str(info.nar_hash), info.nar_size, info.compression,
                      str(info.file_hash) if info.file_hash else None, info.file_size, upstream,
                      info.url, committed=False)
@@ -161,12 +161,6 @@ class Store:
         for kind, n in self.index.counts().items():
             metrics.STORE_ENTRIES.labels(kind).set(n)
         metrics.STORE_PINNED.set(self.index.pinned_bytes())
-
-
-def _with_url(info: NarInfo, url: str) -> NarInfo:
-    from dataclasses import replace
-
-    return replace(info, url=url)
 
 
 def _narinfo_row(info: NarInfo, file: str, committed: bool) -> NarInfoRow:
