@@ -11,6 +11,7 @@ from aiohttp import web
 from agent import metrics
 from agent.nix.storepath import is_hash_part
 from agent.runtime import Agent
+from agent.serve.sendfile import ClientStalled, send_file
 from agent.store.layout import is_nar_file
 from agent.upstream.fetch import Transfer, UpstreamUnavailable
 
@@ -82,31 +83,21 @@ def _unavailable(reason: str) -> web.Response:
 async def _local_nar(agent: Agent, request: web.Request, file: str,
                      size: int) -> web.StreamResponse:
     agent.store.index.touch(nar_file=file)
-    if request.method == "GET":
-        served = _requested_bytes(request, size)
-        metrics.SERVED_BYTES.labels("local").inc(served)
-        agent.savings.avoided(served)
-    # FileResponse does sendfile, Range (Accept-Ranges: bytes), HEAD and conditional requests.
-    # It is sent here, not after return, so eviction can see the file is in use until the end.
-    resp = web.FileResponse(agent.store.nar_path(file), headers={"Content-Type": NAR_TYPE})
+    # The file counts as in use until the last byte is out, so eviction leaves it alone.
     agent.serving[file] += 1
+    sent = 0
     try:
-        await resp.prepare(request)
+        resp, sent = await send_file(request, agent.store.nar_path(file), NAR_TYPE)
+    except (OSError, ClientStalled, EOFError) as e:
+        log.info("local nar send aborted", extra={"fields": {"file": file, "error": str(e)}})
+        raise web.HTTPInternalServerError() from None
     finally:
         agent.serving[file] -= 1
         if agent.serving[file] <= 0:
             del agent.serving[file]
+        metrics.SERVED_BYTES.labels("local").inc(sent)
+        agent.savings.avoided(sent)
     return resp
-
-
-def _requested_bytes(request: web.Request, size: int) -> int:
-    try:
-        rng = request.http_range
-    except ValueError:
-        return 0
-    start, stop, _ = rng.indices(size) if rng.start is not None or rng.stop is not None \
-        else (0, size, 1)
-    return max(0, stop - start)
 
 
 async def _stream_nar(agent: Agent, request: web.Request, transfer: Transfer, joined: bool,
