@@ -141,11 +141,16 @@ def test_a_truncated_stream_is_not_complete(comp: str) -> None:
     assert not d.complete
 
 
-@pytest.mark.parametrize("comp", sorted(COMPRESSORS))
+ZSTD_UNBOUNDED = ("compression._Zstd: zstandard's decompressobj().decompress() has no "
+                  "max_length, so one small chunk of a highly compressible NAR inflates to "
+                  "its whole frame in one step (memory), unlike the other decoders")
+
+
+@pytest.mark.parametrize("comp", [
+    *[c for c in sorted(COMPRESSORS) if c != "zstd"],
+    pytest.param("zstd", marks=pytest.mark.xfail(strict=True, reason=ZSTD_UNBOUNDED)),
+])
 def test_one_step_inflates_to_a_bounded_size(comp: str) -> None:
-    if comp == "zstd":
-        pytest.xfail("zstd's decompressobj has no max_length: a small chunk of a highly "
-                     "compressible NAR inflates in one step (memory)")
     packed = COMPRESSORS[comp](b"\0" * 20_000_000)
     d = decoder(comp)
     assert max(len(piece) for piece in d.feed(packed)) <= 1 << 20
