@@ -35,19 +35,40 @@ def env_pin_holder(ref: str) -> str:
     return f"env:{ref}"
 
 
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
+    too_large = f"body larger than {MAX_BODY} bytes"
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY,
-                                            actual_size=request.content_length)
+        raise BadRequest(413, too_large)
     try:
         data = json.loads(await request.read() or b"{}")
+    except web.HTTPRequestEntityTooLarge:  # a chunked body past the app's client_max_size
+        raise BadRequest(413, too_large) from None
     except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not JSON"}),
-                                 content_type="application/json") from None
+        raise BadRequest(400, "body is not JSON") from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
-                                 content_type="application/json")
+        raise BadRequest(400, "body must be a JSON object")
     return data
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every admin error is JSON {"error": ...}, unknown paths and methods included."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except BadRequest as e:
+        return _error(e.status, str(e))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error(e.status, e.reason)
 
 
 def routes(agent: Agent) -> list[web.RouteDef]:

@@ -18,6 +18,11 @@ from agent.upstream.fetch import Transfer, UpstreamUnavailable
 log = logging.getLogger(__name__)
 NARINFO_TYPE = "text/x-nix-narinfo"
 NAR_TYPE = "application/x-nix-nar"
+NARINFO_HEADERS = {"Content-Type": NARINFO_TYPE}
+# Resolved once: label lookups cost more than the rest of a narinfo hit.
+LOOKUP_COUNTERS = {(kind, source): metrics.LOOKUPS.labels(kind, source)
+                   for kind in ("narinfo", "nar")
+                   for source in ("local", "upstream", "coalesced", "not_found", "error")}
 
 
 def routes(agent: Agent) -> list[web.RouteDef]:
@@ -31,12 +36,12 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         try:
             found = await agent.fetcher.lookup(hash_part)
         except UpstreamUnavailable as e:
-            metrics.LOOKUPS.labels("narinfo", "error").inc()
+            LOOKUP_COUNTERS["narinfo", "error"].inc()
             return _unavailable(str(e))
-        metrics.LOOKUPS.labels("narinfo", found.source).inc()
+        LOOKUP_COUNTERS["narinfo", found.source].inc()
         if found.row is None:
             raise web.HTTPNotFound(text="not in this cache or its upstreams\n")
-        return web.Response(text=found.row.text, content_type=NARINFO_TYPE)
+        return web.Response(body=found.row.text.encode(), headers=NARINFO_HEADERS)
 
     async def nar(request: web.Request) -> web.StreamResponse:
         file = "nar/" + request.match_info["file"]
@@ -44,19 +49,19 @@ def routes(agent: Agent) -> list[web.RouteDef]:
             raise web.HTTPNotFound(text="not a NAR file name\n")
         row = agent.store.nar(file)
         if row is None:
-            metrics.LOOKUPS.labels("nar", "not_found").inc()
+            LOOKUP_COUNTERS["nar", "not_found"].inc()
             raise web.HTTPNotFound(text="unknown NAR: fetch its narinfo first\n")
         if row.committed:
-            metrics.LOOKUPS.labels("nar", "local").inc()
+            LOOKUP_COUNTERS["nar", "local"].inc()
             return await _local_nar(agent, request, file, row.file_size or 0)
         if request.method == "HEAD":
             return web.Response(headers=_nar_headers(row.file_size))
         try:
             transfer, joined = agent.fetcher.transfer(row)
         except UpstreamUnavailable as e:
-            metrics.LOOKUPS.labels("nar", "error").inc()
+            LOOKUP_COUNTERS["nar", "error"].inc()
             return _unavailable(str(e))
-        metrics.LOOKUPS.labels("nar", "coalesced" if joined else "upstream").inc()
+        LOOKUP_COUNTERS["nar", "coalesced" if joined else "upstream"].inc()
         return await _stream_nar(agent, request, transfer, joined, row.file_size)
 
     return [

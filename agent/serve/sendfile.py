@@ -5,7 +5,8 @@ chunks into Python and writing them through the event loop: two copies per byte 
 client. Here the headers go out through aiohttp, then a worker thread runs `os.sendfile` from the
 file to the connection's socket, waiting for the socket to drain with poll(2) on its own: the
 event loop never sees those bytes. The transport's own buffer is empty before the thread starts
-and nothing else writes to the connection until it ends (HTTP/1.1 answers one request at a time).
+and nothing else writes to the connection until it ends (HTTP/1.1 answers one request at a time);
+the thread uses its own duplicate of the socket descriptor (see below).
 """
 
 import asyncio
@@ -90,12 +91,18 @@ async def send_file(request: web.Request, path: Path, content_type: str, *,
             raise ConnectionResetError("client went away")
         while transport.get_write_buffer_size():  # headers still queued in the transport
             await asyncio.sleep(0.001)
+        # The thread writes to a duplicate of the socket: if the client goes away and the
+        # transport closes its descriptor, the number may be reused by a new connection at
+        # once, and bytes must never land there.
+        sock_fd = os.dup(sock.fileno())
         try:
-            sent = await loop.run_in_executor(SENDFILE_POOL, _sendfile_all, sock.fileno(), fd,
+            sent = await loop.run_in_executor(SENDFILE_POOL, _sendfile_all, sock_fd, fd,
                                               start, stop - start, stall_timeout)
         except (OSError, ClientStalled, EOFError):
             transport.abort()  # a half-sent body must not look complete
             raise
+        finally:
+            os.close(sock_fd)
         await resp.write_eof()
         return resp, sent
     finally:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+CACHE_ENTRIES = 50_000  # ~25 MB of narinfo text at most
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nars (
     file TEXT PRIMARY KEY,          -- nar/<hash>.nar<ext>, relative to the store root
@@ -110,6 +111,9 @@ class Index:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=OFF")
         self.db.executescript(SCHEMA)
+        # Committed narinfos by hash: a hit is served without a query. Every method that
+        # rewrites or removes a committed narinfo drops its entry.
+        self._cache: dict[str, NarInfoRow] = {}
         # Last-access updates are batched: a hit must not cost a write transaction.
         self._touched_nars: dict[str, float] = {}
         self._touched_narinfos: dict[str, float] = {}
@@ -132,13 +136,27 @@ class Index:
 
     # --- narinfos and NARs -----------------------------------------------------------------
 
-    @_locked
     def narinfo(self, hash_part: str) -> NarInfoRow | None:
+        cached = self._cache.get(hash_part)
+        return cached if cached is not None else self._narinfo(hash_part)
+
+    @_locked
+    def _narinfo(self, hash_part: str) -> NarInfoRow | None:
         row = self.db.execute(
             "SELECT hash, store_path, nar_file, text, refs, committed FROM narinfos "
             "WHERE hash = ?", (hash_part,)).fetchone()
-        return NarInfoRow(row[0], row[1], row[2], row[3], tuple(row[4].split()), bool(row[5])) \
-            if row else None
+        if not row:
+            return None
+        info = NarInfoRow(row[0], row[1], row[2], row[3], tuple(row[4].split()), bool(row[5]))
+        if info.committed:
+            if len(self._cache) >= CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[hash_part] = info
+        return info
+
+    def _uncache(self, hashes: Iterable[str]) -> None:
+        for h in hashes:
+            self._cache.pop(h, None)
 
     @_locked
     def nar(self, file: str) -> NarRow | None:
@@ -162,6 +180,7 @@ class Index:
                            [(new.file, i.text, i.hash) for i in narinfos])
             db.execute("UPDATE nars SET replaced_by = ?, replaced_at = ? WHERE file = ?",
                        (new.file, now, old))
+        self._uncache(i.hash for i in narinfos)
 
     @_locked
     def replaced_before(self, cutoff: float) -> list[str]:
@@ -198,6 +217,7 @@ class Index:
 
     @_locked
     def forget_narinfo(self, hash_part: str) -> None:
+        self._uncache([hash_part])
         self.db.execute("DELETE FROM narinfos WHERE hash = ?", (hash_part,))
 
     @_locked
@@ -236,6 +256,7 @@ class Index:
                                                (file,))]
             db.execute("DELETE FROM narinfos WHERE nar_file = ?", (file,))
             db.execute("DELETE FROM nars WHERE file = ?", (file,))
+        self._uncache(hashes)
         return hashes
 
     # --- access times ----------------------------------------------------------------------

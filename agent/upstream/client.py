@@ -23,6 +23,19 @@ MAX_NARINFO = 1 << 20
 CHUNK = 256 * 1024
 
 
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to `limit` bytes (read() alone returns only what is buffered)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 class UpstreamError(Exception):
     def __init__(self, upstream: str, reason: str, message: str) -> None:
         super().__init__(f"{upstream}: {message}")
@@ -110,7 +123,7 @@ class Upstream:
                         return None
                     if resp.status != 200:
                         raise self._failed("narinfo", "status", f"HTTP {resp.status}")
-                    body = await resp.content.read(MAX_NARINFO + 1)
+                    body = await _read_limited(resp, MAX_NARINFO + 1)
         except TimeoutError:
             raise self._failed("narinfo", "timeout", "narinfo request timed out") from None
         except aiohttp.ClientError as e:
@@ -119,13 +132,20 @@ class Upstream:
             metrics.UPSTREAM_DURATION.labels(self.name, "narinfo").observe(
                 time.monotonic() - start)
         self.breaker.success()
-        if len(body) > MAX_NARINFO:
-            raise UpstreamError(self.name, "malformed", "narinfo larger than 1 MiB")
         metrics.UPSTREAM_BYTES.labels(self.name).inc(len(body))
+        if len(body) > MAX_NARINFO:
+            raise self._malformed("narinfo larger than 1 MiB")
         try:
             return body.decode()
         except UnicodeDecodeError:
-            raise UpstreamError(self.name, "malformed", "narinfo is not UTF-8") from None
+            raise self._malformed("narinfo is not UTF-8") from None
+
+    def _malformed(self, message: str) -> UpstreamError:
+        # Unusable data, not a fault of the connection: no breaker trip, but counted as a
+        # verification failure like any other malformed narinfo.
+        metrics.VERIFY_FAILURES.labels("malformed").inc()
+        metrics.UPSTREAM_ERRORS.labels(self.name, "malformed").inc()
+        return UpstreamError(self.name, "malformed", message)
 
     @asynccontextmanager
     async def nar(self, url: str) -> AsyncIterator[AsyncIterator[bytes]]:

@@ -31,9 +31,6 @@ from tests.support.upstream import UpstreamServer
 H = {name: c * 31 + "z" for name, c in [
     ("missing", "1"), ("badhash", "2"), ("mismatch", "3"), ("huge", "4"), ("unsigned", "5"),
     ("binary", "6"), ("badsize", "7"), ("badref", "8"), ("large", "9")]}
-TRUNCATION_BUG = ("upstream/client.py get_narinfo reads `resp.content.read(MAX_NARINFO + 1)`, "
-                  "which returns what is buffered (one network chunk), not the whole body: a "
-                  "narinfo over ~64 KB is silently truncated (and the size limit never trips)")
 
 
 def _bad_cache(src: Path, dest: Path, closure: Closure, key_file: Path) -> Path:
@@ -233,8 +230,6 @@ async def test_other_admin_misuse_is_clear_json_4xx(agent: AgentProcess) -> None
     _ready(agent)
 
 
-@pytest.mark.xfail(strict=True, reason="admin._body raises aiohttp's HTTPRequestEntityTooLarge, "
-                   "whose body is plain text, not JSON {\"error\": ...}")
 async def test_a_5mb_admin_body_is_413_json(agent: AgentProcess) -> None:
     big = json.dumps({"lockfile": "x" * 5_000_000})
     status, text = await _admin(agent, "POST", "/v1/prewarm", big)
@@ -266,8 +261,7 @@ async def test_a_5mb_admin_body_is_413_and_the_agent_keeps_serving(agent: AgentP
     ("badsize", 404, "malformed"),
     ("badref", 404, "malformed"),
     ("unsigned", 404, "signature"),
-    pytest.param("huge", 503, None, marks=pytest.mark.xfail(strict=True,
-                                                            reason=TRUNCATION_BUG)),
+    ("huge", 503, None),
     ("binary", 503, None),
 ])
 async def test_malformed_upstream_narinfos_are_refused_and_not_committed(
@@ -289,9 +283,6 @@ async def test_malformed_upstream_narinfos_are_refused_and_not_committed(
     _ready(agent)
 
 
-@pytest.mark.xfail(strict=True, reason="an oversized (or non-UTF-8) upstream narinfo raises "
-                   "UpstreamError('malformed') in upstream/client.py and is counted as an "
-                   "upstream error only, not in verification_failures_total")
 async def test_an_oversized_upstream_narinfo_is_counted_as_a_verification_failure(
         agent: AgentProcess) -> None:
     before = agent.metric("flox_node_cache_verification_failures_total")
@@ -300,7 +291,6 @@ async def test_an_oversized_upstream_narinfo_is_counted_as_a_verification_failur
     assert agent.metric("flox_node_cache_verification_failures_total") > before
 
 
-@pytest.mark.xfail(strict=True, reason=TRUNCATION_BUG)
 async def test_a_large_valid_upstream_narinfo_is_read_whole(agent: AgentProcess) -> None:
     async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/{H['large']}.narinfo") as r:
         assert r.status == 200

@@ -244,3 +244,33 @@ def test_agent_adds_its_own_signature_and_keeps_the_upstream_one(
         sigs = [x for x in text.splitlines() if x.startswith("Sig: ")]
         assert sorted(s.split(":")[1].strip() for s in sigs) == ["node-cache-1",
                                                                   "upstream-test-1"]
+
+
+async def test_a_client_leaving_mid_nar_never_leaks_bytes_into_other_connections(
+        agent: AgentProcess, big_path_closure: Closure, signing_key: tuple[Path, str],
+        tmp_path: Path) -> None:
+    import socket
+
+    root = big_path_closure.roots[0]
+    assert nix_copy(agent.url, tmp_path / "warm", [root], [signing_key[1]]).returncode == 0
+    h = hash_part(root)
+    text = (agent.store / f"{h}.narinfo").read_text()
+    url = next(x.split(": ", 1)[1] for x in text.splitlines() if x.startswith("URL: "))
+    for _ in range(30):
+        # Ask for the 8 MB NAR with a tiny receive buffer, read a little, and hang up...
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", agent.port))
+        s.sendall(f"GET /{url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.recv(1024)
+        s.close()
+        # ...while new connections (which may get the same descriptor number) are served.
+        async def ask() -> None:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    async with session.get(f"{agent.url}/{h}.narinfo") as r:
+                        assert r.status == 200
+                        # (the URL may change meanwhile: the NAR is being re-encoded to zstd)
+                        assert (await r.text()).startswith(f"StorePath: {root}\n")
+
+        await asyncio.gather(*(ask() for _ in range(8)))
