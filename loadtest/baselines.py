@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loadtest.http import Conn, Target
 from tests.support.agent import free_port
+from tests.support.process import stop_process
 
 NGINX = "/usr/sbin/nginx"
 
@@ -93,13 +94,7 @@ class Nginx:
         raise RuntimeError("nginx did not start")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Nginx:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.support.process import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -69,14 +71,7 @@ class AgentProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)  # type: ignore[return-value]
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from tests.support.agent import free_port
+from tests.support.process import stop_process
 
 JOB = "flox-node-cache"
 NODE = "test-node"
@@ -117,13 +118,7 @@ class PrometheusServer:
         raise PrometheusError(f"prometheus not ready after {timeout}s:\n{self.logs()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> PrometheusServer:
         return self.start()
