@@ -32,6 +32,10 @@ def kubernetes_enabled(config: Config) -> bool:
     return config.kubernetes == "on"
 
 
+# How long an upstream narinfo is remembered when its NAR is never asked for.
+PENDING_TTL = 24 * 3600.0
+
+
 class Savings:
     """What the cache saves clients: upstream bytes, and the seconds those bytes would take."""
 
@@ -161,6 +165,7 @@ class Agent:
             try:
                 self.store.check_disk_recovered()
                 self.store.drop_replaced(self.config.recompress_grace)
+                self.store.index.forget_stale_pending(PENDING_TTL)
                 await self.collect_garbage()
             except Exception:
                 log.exception("eviction pass failed")

@@ -231,6 +231,18 @@ class Index:
         return hashes
 
     @_locked
+    def forget_stale_pending(self, older_than: float) -> int:
+        """Drop upstream narinfos whose NAR nobody fetched for a long time (clients query many
+        paths they already have)."""
+        cutoff = time.time() - older_than
+        with self.transaction() as db:
+            n = db.execute("DELETE FROM narinfos WHERE committed = 0 AND last_access < ?",
+                           (cutoff,)).rowcount
+            db.execute("DELETE FROM nars WHERE committed = 0 AND last_access < ? AND NOT EXISTS "
+                       "(SELECT 1 FROM narinfos i WHERE i.nar_file = nars.file)", (cutoff,))
+        return n
+
+    @_locked
     def narinfos_for_nar(self, file: str) -> list[NarInfoRow]:
         rows = self.db.execute(
             "SELECT hash, store_path, nar_file, text, refs, committed FROM narinfos "

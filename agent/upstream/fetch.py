@@ -130,7 +130,7 @@ class Fetcher:
     def transfer(self, nar: NarRow) -> tuple["Transfer", bool]:
         """The download of this NAR in flight, started if needed: (transfer, joined)."""
         running = self.transfers.get(nar.file)
-        if running:
+        if running and not running.done:  # a finished one failed: its NAR is not committed
             return running, True
         up = next((u for u in self.upstreams if u.url == nar.upstream), None)
         if up is None or nar.upstream_url is None:
