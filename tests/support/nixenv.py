@@ -72,7 +72,9 @@ class Closure:
 def _content(seed: str, size: int, compressible: bool) -> bytes:
     rng = random.Random(seed)
     if not compressible:
-        return rng.randbytes(size)
+        # randbytes takes at most 2**31 bits at once
+        step = 64 << 20
+        return b"".join(rng.randbytes(min(step, size - i)) for i in range(0, size, step))
     words = [b"store", b"path", b"nix", b"cache", b"flox", b"node", b"closure", b"narinfo"]
     out = bytearray()
     while len(out) < size:
