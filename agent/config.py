@@ -206,4 +206,8 @@ def load(config_file: Path | None, flags: dict[str, Any],
         env["node_name"] = environ["NODE_NAME"]
     cfg = from_mapping(env, "environment", cfg)
     cfg = from_mapping({k: v for k, v in flags.items() if v is not None}, "flags", cfg)
+    in_cluster = bool(environ.get("KUBERNETES_SERVICE_HOST"))
+    if cfg.kubernetes == "auto" and (in_cluster or cfg.kubeconfig) and not cfg.node_name:
+        raise ConfigError("running against a cluster but the node name is unknown: set NODE_NAME "
+                          "(downward API) or --node-name, or --kubernetes off")
     return cfg.validate()

@@ -66,3 +66,10 @@ def test_sizes_and_budgets() -> None:
     assert parse_size("100") == 100
     assert parse_budget("25%", 1000) == 250
     assert parse_budget("1K", 10) == 1024
+
+
+def test_a_cluster_without_a_node_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="NODE_NAME"):
+        load(None, {}, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    cfg = load(None, {}, {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "NODE_NAME": "n1"})
+    assert cfg.node_name == "n1"
