@@ -156,6 +156,9 @@ class Prefetcher:
         return self.submit(Target.parse(ref=ref), pin=pin, system=system)
 
     def unpin(self, holder: str) -> bool:
+        # A running job must not pin again for a holder that has let go meanwhile.
+        for job in self._running.values():
+            job.pins.discard(holder)
         removed = self.store.index.unpin(holder)
         self.store.update_gauges()
         return removed

@@ -195,3 +195,31 @@ def test_pins_can_be_dropped(agent: AgentProcess, floxhub: tuple[Floxmeta, GitHT
     assert json.loads(out.stdout) == {"unpinned": "acme/web"}
     envs = json.loads(cli(agent, "status", "--json").stdout)["environments"]
     assert next(e for e in envs if e["ref"] == "acme/web")["pinned_by"] == []
+
+
+async def test_unpin_during_a_running_prefetch_is_not_undone_by_its_end(
+        tmp_path: Path, published_cache: Path, signing_key: tuple[Path, str],
+        big_path_closure: Closure) -> None:
+    """A pod that goes away while its environment is still being fetched leaves no pin."""
+    import asyncio
+
+    from agent.config import load
+    from agent.prefetch import Target
+    from agent.runtime import Agent
+
+    with UpstreamServer(published_cache, bandwidth=4_000_000) as slow:
+        cfg = load(None, {"store": str(tmp_path / "store"), "upstreams": [slow.url],
+                          "trusted_public_keys": [signing_key[1]], "kubernetes": "off"}, {})
+        agent = Agent.build(cfg)
+        await agent.start()
+        try:
+            job = agent.prefetcher.submit(Target.parse(store_paths=big_path_closure.roots),
+                                          pin="pod:acme/web")
+            await asyncio.sleep(0.3)
+            assert job.state == "running"
+            agent.prefetcher.unpin("pod:acme/web")
+            await job.wait()
+            assert job.state == "succeeded"
+            assert "pod:acme/web" not in agent.store.index.pin_holders()
+        finally:
+            await agent.stop()
