@@ -51,8 +51,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     a("--scrub-interval", type=float, metavar="SECONDS",
       help="seconds between background re-hash passes, 0 to disable (default 3600)")
     a("--scrub-rate", metavar="SIZE", help="bytes per second the scrub may read (default 20M)")
-    a("--recompress", choices=("zstd", "none"),
-      help="re-encode ingested NARs to zstd for faster client unpacking (default zstd)")
+    a("--recompress", choices=("zstd", "uncompressed", "none"),
+      help="re-encode ingested NARs so clients unpack them fast: zstd (default), "
+      "uncompressed (fastest, more disk), or none (keep the upstream encoding)")
     a("--recompress-level", type=int, metavar="N", help="zstd level (default 3)")
     a("--recompress-grace", type=float, metavar="SECONDS",
       help="how long the original encoding stays servable for clients holding its narinfo "

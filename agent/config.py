@@ -86,7 +86,7 @@ class Config:
         for url in self.upstreams:
             if not re.fullmatch(r"(https?|file)://\S+", url):
                 raise ConfigError(f"upstream {url!r} is not an http(s):// or file:// URL")
-        _choice("recompress", self.recompress, ("zstd", "none"))
+        _choice("recompress", self.recompress, ("zstd", "uncompressed", "none"))
         if not 1 <= self.recompress_level <= 22:
             raise ConfigError("recompress-level must be a zstd level from 1 to 22")
         _choice("log-format", self.log_format, ("text", "json"))

@@ -89,9 +89,10 @@ class Agent:
         agent.watch.on_change = agent._new_generation
         prefetcher.on_resolved.append(agent._track_environment)
         agent.jobs += [agent.watch.run, agent._gc_loop]
-        if config.recompress == "zstd":
-            recompressor = Recompressor(store, config.recompress_level, config.recompress_grace,
-                                        IO_POOL)
+        if config.recompress != "none":
+            target = "none" if config.recompress == "uncompressed" else "zstd"
+            recompressor = Recompressor(store, target, config.recompress_level,
+                                        config.recompress_grace, IO_POOL)
             fetcher.on_commit.append(recompressor.submit)
             agent.jobs.append(recompressor.run)
         if config.scrub_interval > 0:

@@ -1,4 +1,4 @@
-"""Re-encode ingested NARs to zstd, so Nix clients unpack them fast.
+"""Re-encode ingested NARs to zstd (or store them uncompressed), so Nix clients unpack them fast.
 
 Most upstream NARs are xz, which a Nix client decompresses several times slower than zstd. After
 a NAR is committed, a background worker (off the event loop) re-encodes it, verifies the result
@@ -24,13 +24,18 @@ from agent.store.verify import verify_info
 
 log = logging.getLogger(__name__)
 READ = 1 << 20
-# Already fast to unpack: nothing to gain.
-SKIP = {"zstd", "none"}
+# Encodings worth re-encoding, per target: zstd and none already unpack fast.
+SOURCES = {"zstd": {"xz", "bzip2", "gzip"}, "none": {"xz", "bzip2", "gzip", "zstd"}}
 
 
 class Recompressor:
-    def __init__(self, store: Store, level: int, grace: float, pool: object) -> None:
+    def __init__(self, store: Store, target: str, level: int, grace: float,
+                 pool: object) -> None:
+        """target: "zstd" (smaller) or "none" (uncompressed: no decoding at all on the client,
+        at the cost of disk space)."""
         self.store = store
+        self.target = target
+        self.sources = SOURCES[target]
         self.level = level
         self.grace = grace
         self.pool = pool
@@ -38,7 +43,7 @@ class Recompressor:
 
     def submit(self, file: str) -> None:
         row = self.store.nar(file)
-        if row and row.compression not in SKIP:
+        if row and row.compression in self.sources:
             self.queue.put_nowait(file)
 
     async def run(self) -> None:
@@ -56,15 +61,15 @@ class Recompressor:
 
     def recompress(self, file: str) -> None:
         old = self.store.nar(file)
-        if old is None or not old.committed or old.compression in SKIP:
+        if old is None or not old.committed or old.compression not in self.sources:
             return
         fd, tmp = self.store.new_temp()
         try:
             file_hash, size = self._encode(self.store.layout.nar(file), old.compression, fd)
             self._verify(tmp, old, file_hash, size)
-            new_file = nar_file_name(file_hash, "zstd")
+            new_file = nar_file_name(file_hash, self.target)
             if self.store.nar(new_file) is None:
-                self.store.replace_encoding(old, tmp, new_file, "zstd", file_hash, size)
+                self.store.replace_encoding(old, tmp, new_file, self.target, file_hash, size)
         except VerificationError as e:
             metrics.RECOMPRESSIONS.labels("rejected").inc()
             log.error("re-encoded NAR failed verification", extra={"fields": {
@@ -81,19 +86,20 @@ class Recompressor:
         digest = hashlib.sha256()
         with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
             hashing = _HashingWriter(out, digest)
-            writer = zstandard.ZstdCompressor(level=self.level).stream_writer(
-                hashing, closefd=False)
+            sink = hashing if self.target == "none" else \
+                zstandard.ZstdCompressor(level=self.level).stream_writer(hashing, closefd=False)
             while chunk := src.read(READ):
                 for data in dec.feed(chunk):
-                    writer.write(data)
+                    sink.write(data)
             for data in dec.finish():
-                writer.write(data)
-            writer.flush(zstandard.FLUSH_FRAME)
-            writer.close()
+                sink.write(data)
+            if sink is not hashing:
+                sink.flush(zstandard.FLUSH_FRAME)
+                sink.close()
         return Hash("sha256", digest.digest()), hashing.size
 
     def _verify(self, tmp: os.PathLike, old, file_hash: Hash, size: int) -> None:  # type: ignore
-        info = verify_info(old).with_file(old.file, "zstd", file_hash, size)
+        info = verify_info(old).with_file(old.file, self.target, file_hash, size)
         verifier = NarVerifier(info)
         with open(tmp, "rb") as f:
             while chunk := f.read(READ):

@@ -90,3 +90,26 @@ async def test_old_encodings_are_dropped_after_grace_and_none_disables(
         time.sleep(0.5)
         for p in small_closure.paths:
             assert (await narinfo(plain, p))["Compression"] == ["xz"]
+
+
+async def test_uncompressed_mode_stores_plain_nars_that_clients_accept(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
+        small_closure: Closure) -> None:
+    with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]],
+                      "--recompress", "uncompressed") as agent:
+        assert nix_copy(agent.url, tmp_path / "n1", small_closure.roots,
+                        [signing_key[1]]).returncode == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            infos = [await narinfo(agent, p) for p in small_closure.paths]
+            if all(i["Compression"] == ["none"] for i in infos):
+                break
+            time.sleep(0.1)
+        for info in infos:
+            assert info["Compression"] == ["none"]
+            assert info["URL"][0].endswith(".nar")
+            assert info["FileHash"] == info["NarHash"]  # the file is the NAR itself
+            assert info["FileSize"] == info["NarSize"]
+        r = nix_copy(agent.url, tmp_path / "n2", small_closure.roots, [signing_key[1]])
+        assert r.returncode == 0, r.stderr
+        assert all(path_valid_in(tmp_path / "n2", p) for p in small_closure.paths)
