@@ -3,6 +3,7 @@
 import asyncio
 import functools
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from agent.store.gc import collect
 from agent.store.recompress import Recompressor
 from agent.store.store import Store
 from agent.store.verify import Scrubber
-from agent.upstream.client import CircuitBreaker, Timeouts, Upstream
+from agent.upstream.client import Timeouts, Upstream
 from agent.upstream.fetch import IO_POOL, Fetcher
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 def kubernetes_enabled(config: Config) -> bool:
     """on: always; off: never; auto: inside a cluster or with --kubeconfig."""
     if config.kubernetes == "auto":
-        import os
-
         return bool(config.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST"))
     return config.kubernetes == "on"
 
@@ -70,13 +69,8 @@ class Agent:
         timeouts = Timeouts(connect=config.upstream_connect_timeout,
                             read=config.upstream_read_timeout,
                             narinfo=config.upstream_narinfo_timeout)
-        upstreams = [
-            Upstream(url, timeouts, CircuitBreaker(url, config.circuit_failures,
-                                                   config.circuit_cooldown))
-            for url in config.upstreams
-        ]
-        for up in upstreams:
-            up.breaker.name = up.name
+        upstreams = [Upstream(url, timeouts, config.circuit_failures, config.circuit_cooldown)
+                     for url in config.upstreams]
         fetcher = Fetcher(store, upstreams, list(config.public_keys),
                           require_signatures=config.require_signatures,
                           signing_key=config.signing_key, negative_ttl=config.negative_ttl)

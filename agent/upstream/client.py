@@ -58,6 +58,7 @@ class CircuitBreaker:
         self.name, self.failures, self.cooldown = name, failures, cooldown
         self._consecutive = 0
         self._open_until = 0.0
+        metrics.CIRCUIT_OPEN.labels(name).set(0)
 
     @property
     def is_open(self) -> bool:
@@ -78,11 +79,12 @@ class CircuitBreaker:
 
 
 class Upstream:
-    def __init__(self, url: str, timeouts: Timeouts, breaker: CircuitBreaker) -> None:
+    def __init__(self, url: str, timeouts: Timeouts, circuit_failures: int = 3,
+                 circuit_cooldown: float = 30.0) -> None:
         self.url = url.rstrip("/") + "/"
         self.name = urlsplit(url).netloc or url
         self.timeouts = timeouts
-        self.breaker = breaker
+        self.breaker = CircuitBreaker(self.name, circuit_failures, circuit_cooldown)
         self._session: aiohttp.ClientSession | None = None
         self._throughput = 0.0
 
