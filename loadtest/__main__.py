@@ -47,8 +47,8 @@ def parser() -> argparse.ArgumentParser:
     a("--json", type=Path, default=REPO / "loadtest" / "results" / "latest.json",
       help="where to write the JSON results (default loadtest/results/latest.json)")
     a("--recompress", default="zstd,none",
-      help="comma-separated agent --recompress modes to run every agent scenario with "
-      "(default zstd,none)")
+      help="comma-separated agent --recompress modes (zstd, uncompressed, none) to run every "
+      "agent scenario with (default zstd,none)")
     a("--latency", type=float, default=0.02, help="upstream per-request latency, seconds "
       "(default 0.02)")
     a("--bandwidth", type=float, default=200.0, help="upstream per-request bandwidth, MB/s; "
@@ -75,8 +75,8 @@ def parser() -> argparse.ArgumentParser:
 def options(args: argparse.Namespace) -> runner.Options:
     prof = closures.PROFILES[args.size]
     modes = [m.strip() for m in args.recompress.split(",") if m.strip()]
-    if not modes or any(m not in ("zstd", "none") for m in modes):
-        raise SystemExit("--recompress takes zstd, none or zstd,none")
+    if not modes or any(m not in ("zstd", "uncompressed", "none") for m in modes):
+        raise SystemExit("--recompress takes a comma-separated list of zstd, uncompressed, none")
     return runner.Options(
         profile=prof, workdir=(args.workdir or REPO / "var" / "loadtest" / args.size).resolve(),
         modes=modes, latency=args.latency,

@@ -316,9 +316,13 @@ def rss(r: Run, mode: str) -> None:
 
 def compare_modes(r: Run) -> None:
     """A real Nix client's cold start from the same warm agent, re-encoded vs not."""
-    z, n = r.base.get("warm_ml_zstd_s"), r.base.get("warm_ml_none_s")
-    if z is None or n is None:
+    kept = r.base.get("warm_ml_none_s")
+    if kept is None:
         return
-    r.add(Measurement("recompress", "warm node's cold start (ml): --recompress zstd vs none",
-                      z, "s", better="lower", transport="tcp", recompress="zstd",
-                      baseline_name="--recompress none", baseline_value=n))
+    for mode in ("zstd", "uncompressed"):
+        value = r.base.get(f"warm_ml_{mode}_s")
+        if value is not None:
+            r.add(Measurement("recompress", f"warm node's cold start (ml): --recompress {mode} "
+                              "vs none", value, "s", better="lower", transport="tcp",
+                              recompress=mode, baseline_name="--recompress none",
+                              baseline_value=kept))
