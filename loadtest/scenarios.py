@@ -251,6 +251,10 @@ def served_compressions(agent: AgentProcess, paths: list[str]) -> dict[str, int]
     return out
 
 
+# The narinfo Compression each agent --recompress mode serves once re-encoding is done.
+TARGET_COMPRESSION = {"zstd": "zstd", "uncompressed": "none"}
+
+
 def settle_recompression(agent: AgentProcess, paths: list[str], mode: str,
                          limit: float) -> dict[str, object]:
     """Wait (bounded) until the agent serves every narinfo re-encoded, or nothing changes for a
@@ -260,15 +264,17 @@ def settle_recompression(agent: AgentProcess, paths: list[str], mode: str,
     seen = served_compressions(agent, paths)
     if mode == "none":
         return {"compressions": seen, "settle_s": 0.0, "effective": None}
+    target = TARGET_COMPRESSION[mode]
     last_change = start
-    while seen.get(mode, 0) < len(paths) and time.monotonic() - start < limit \
+    while seen.get(target, 0) < len(paths) and time.monotonic() - start < limit \
             and time.monotonic() - last_change < quiet:
         time.sleep(0.5)
         now = served_compressions(agent, paths)
         if now != seen:
             seen, last_change = now, time.monotonic()
     return {"compressions": seen, "settle_s": round(time.monotonic() - start, 2),
-            "effective": seen.get(mode, 0) > 0, "all_reencoded": seen.get(mode, 0) == len(paths)}
+            "effective": seen.get(target, 0) > 0,
+            "all_reencoded": seen.get(target, 0) == len(paths)}
 
 
 def agent_nar_files(agent: AgentProcess, paths: list[str]) -> list[str]:
