@@ -114,6 +114,8 @@ class Index:
         # Committed narinfos by hash: a hit is served without a query. Every method that
         # rewrites or removes a committed narinfo drops its entry.
         self._cache: dict[str, NarInfoRow] = {}
+        self._data_version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        self._next_check = 0.0
         # Last-access updates are batched: a hit must not cost a write transaction.
         self._touched_nars: dict[str, float] = {}
         self._touched_narinfos: dict[str, float] = {}
@@ -137,8 +139,20 @@ class Index:
     # --- narinfos and NARs -----------------------------------------------------------------
 
     def narinfo(self, hash_part: str) -> NarInfoRow | None:
+        if time.monotonic() > self._next_check:
+            self._drop_cache_if_changed_elsewhere()
         cached = self._cache.get(hash_part)
         return cached if cached is not None else self._narinfo(hash_part)
+
+    @_locked
+    def _drop_cache_if_changed_elsewhere(self) -> None:
+        """Another process (`flox-node-cache verify --repair`) may have removed entries: SQLite's
+        data_version changes only for commits of other connections. Checked once a second."""
+        self._next_check = time.monotonic() + 1.0
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            self._cache.clear()
 
     @_locked
     def _narinfo(self, hash_part: str) -> NarInfoRow | None:

@@ -242,3 +242,25 @@ def test_verify_repair_removes_damage_and_orphans(
     assert all((store / x.split(": ", 1)[1]).exists()
                for info in store.glob("*.narinfo")
                for x in info.read_text().splitlines() if x.startswith("URL: "))
+
+
+def test_verify_repair_beside_a_running_agent(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
+        small_closure: Closure) -> None:
+    """The agent notices entries another process removed (it caches narinfos in memory)."""
+    root = small_closure.roots[0]
+    with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]],
+                      "--recompress", "none", "--scrub-interval", "0") as agent:
+        assert nix_copy(agent.url, tmp_path / "warm", [root], [signing_key[1]]).returncode == 0
+        assert nix_copy(agent.url, tmp_path / "warm2", [root], [signing_key[1]]).returncode == 0
+        url = next(x.split(": ", 1)[1] for x in
+                   (agent.store / f"{hash_part(root)}.narinfo").read_text().splitlines()
+                   if x.startswith("URL: "))
+        nar = agent.store / url
+        nar.write_bytes(nar.read_bytes()[:-1])
+        assert verify(agent.store, "--repair").returncode == 1
+        assert not nar.exists()
+        time.sleep(1.2)
+        r = nix_copy(agent.url, tmp_path / "after", [root], [signing_key[1]], extra_config=QUICK)
+        assert r.returncode == 0, r.stderr
+        assert nar.exists()  # fetched again from upstream
