@@ -198,7 +198,11 @@ class Prefetcher:
         job.state = "running"
         label = job.target.name
         try:
-            roots = await self._roots(job)
+            roots = [StorePath.parse(r).hash_part if r.startswith("/") else r
+                     for r in await self._roots(job)]
+            # Known from the start, so a restart can resume an interrupted prefetch.
+            self.store.index.save_environment(EnvironmentRow(
+                job.target.name, job.generation, job.system, tuple(roots), 0, time.time()))
             closure = await self._walk_and_fetch(job, roots)
             self._record(job, closure)
             if job.progress.failures:
@@ -245,7 +249,6 @@ class Prefetcher:
         return list(env.closure) if env else []
 
     async def _walk_and_fetch(self, job: Job, roots: list[str]) -> list[str]:
-        roots = [StorePath.parse(r).hash_part if r.startswith("/") else r for r in roots]
         seen: set[str] = set(roots)
         order: list[str] = list(roots)
         queue: asyncio.Queue[str] = asyncio.Queue()

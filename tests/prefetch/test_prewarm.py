@@ -223,3 +223,31 @@ async def test_unpin_during_a_running_prefetch_is_not_undone_by_its_end(
             assert "pod:acme/web" not in agent.store.index.pin_holders()
         finally:
             await agent.stop()
+
+
+def test_an_interrupted_pinned_prefetch_resumes_after_a_restart(
+        tmp_path: Path, published_cache: Path, signing_key: tuple[Path, str],
+        small_closure: Closure, big_path_closure: Closure) -> None:
+    store = tmp_path / "store"
+    with UpstreamServer(published_cache, bandwidth=1_000_000) as slow:
+        agent = AgentProcess(tmp_path / "a", [slow.url], [signing_key[1]], store=store).start()
+        body = json.dumps({"store_paths": big_path_closure.roots, "pin": True})
+        subprocess.run(["curl", "-s", "--unix-socket", str(agent.socket), "-X", "POST",
+                        "http://agent/v1/prewarm", "-d", body], check=True, capture_output=True)
+        deadline = time.monotonic() + 20
+        while not any((store / ".tmp").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        agent.kill9()  # in the middle of the 8 MB NAR
+
+        slow.reset_counts()
+        with AgentProcess(tmp_path / "b", [slow.url], [signing_key[1]], store=store) as again:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                envs = json.loads(cli(again, "status", "--json").stdout)["environments"]
+                if envs and all(e["complete"] for e in envs):
+                    break
+                time.sleep(0.3)
+            else:
+                pytest.fail(f"the prefetch did not resume: {envs}")
+            assert envs[0]["pinned_by"] and envs[0]["paths"] == len(big_path_closure.paths)
+            assert slow.count("/nar/*") >= 1  # the missing NAR was fetched by the resumed job
