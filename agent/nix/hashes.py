@@ -49,9 +49,6 @@ class Hash:
             raise HashError(f"{algo} digest has {len(digest)} bytes")
         return cls(algo, digest)
 
-    def hasher(self) -> "hashlib._Hash":
-        return hashlib.new(self.algo)
-
     @property
     def nix32(self) -> str:
         return nix32.encode(self.digest)

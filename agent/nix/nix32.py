@@ -45,9 +45,3 @@ def decode(text: str) -> bytes:
                 raise Nix32Error("nix32 value has bits beyond its length")
             out[i + 1] |= carry
     return bytes(out)
-
-
-def is_nix32(text: str, length: int | None = None) -> bool:
-    if length is not None and len(text) != length:
-        return False
-    return bool(text) and all(c in _INDEX for c in text)

@@ -376,10 +376,6 @@ class Index:
         return dict(self.db.execute("SELECT holder, COUNT(*) FROM pins GROUP BY holder"))
 
     @_locked
-    def pinned_hashes(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT DISTINCT hash FROM pins")}
-
-    @_locked
     def pinned_bytes(self) -> int:
         return self.db.execute(
             "SELECT COALESCE(SUM(file_size), 0) FROM nars WHERE committed = 1 AND file IN "

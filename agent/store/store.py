@@ -27,10 +27,9 @@ class Store:
         self.index = Index(self.layout.index)
         self.priority = priority
         self.disk_full = False
-        self.recovery: dict[str, int] = {}
         if recover_on_open:
             write_atomic(self.layout, self.layout.cache_info, self.cache_info().encode())
-            self.recovery = recover(self.layout, self.index)
+            recover(self.layout, self.index)
         self.update_gauges()
 
     def close(self) -> None:

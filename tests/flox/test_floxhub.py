@@ -4,7 +4,6 @@ import asyncio
 import logging
 import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,12 +43,6 @@ def floxmeta(tmp_path: Path) -> Floxmeta:
         meta.add_generation("alice", "k8s-tools", text)
     meta.add_generation("alice", "hello", GENERATIONS[0])
     return meta
-
-
-@pytest.fixture
-def server(floxmeta: Floxmeta) -> Iterator[GitHTTPServer]:
-    with GitHTTPServer(floxmeta.root, token=TOKEN) as srv:
-        yield srv
 
 
 @pytest.fixture

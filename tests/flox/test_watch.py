@@ -2,7 +2,6 @@
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,6 @@ def floxmeta(tmp_path: Path) -> Floxmeta:
     meta.add_generation("alice", "tools", GEN[0])
     meta.add_generation("alice", "tools", GEN[1])
     return meta
-
-
-@pytest.fixture
-def server(floxmeta: Floxmeta) -> Iterator[GitHTTPServer]:
-    with GitHTTPServer(floxmeta.root, token=TOKEN) as srv:
-        yield srv
 
 
 @pytest.fixture
