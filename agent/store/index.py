@@ -221,9 +221,11 @@ class Index:
                  int(info.committed), now))
 
     @_locked
-    def mark_nar_committed(self, file: str, file_size: int) -> None:
-        self.db.execute("UPDATE nars SET committed = 1, file_size = ?, last_access = ? "
-                        "WHERE file = ?", (file_size, time.time(), file))
+    def mark_nar_committed(self, file: str, file_size: int, file_hash: str | None = None) -> None:
+        """file_hash: the measured hash, for NARs whose upstream narinfo had no FileHash."""
+        self.db.execute("UPDATE nars SET committed = 1, file_size = ?, "
+                        "file_hash = COALESCE(file_hash, ?), last_access = ? WHERE file = ?",
+                        (file_size, file_hash, time.time(), file))
 
     @_locked
     def mark_narinfo_committed(self, hash_part: str) -> None:

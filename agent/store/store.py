@@ -59,10 +59,9 @@ class Store:
         fields are not covered by signatures, so rewriting them keeps upstream Sig lines valid.
         """
         existing = self.index.committed_nar_with_hash(str(info.nar_hash))
-        if existing:
+        if existing and existing.file_hash and existing.file_size is not None:
             served = info.with_file(existing.file, existing.compression,
-                                    Hash.parse(existing.file_hash or str(info.nar_hash)),
-                                    existing.file_size or 0)
+                                    Hash.parse(existing.file_hash), existing.file_size)
             row = _narinfo_row(served, existing.file, committed=True)
             self.index.put_pending(existing, row)
             write_atomic(self.layout, self.layout.narinfo(info.hash_part), row.text.encode())
@@ -85,7 +84,7 @@ class Store:
     def commit_nar(self, tmp: Path, file: str, file_hash: Hash, file_size: int) -> None:
         """Publish a verified NAR and then every narinfo that waits for it."""
         publish(tmp, self.layout.nar(file))
-        self.index.mark_nar_committed(file, file_size)
+        self.index.mark_nar_committed(file, file_size, str(file_hash))
         for info in self.index.narinfos_for_nar(file):
             if info.committed:
                 continue

@@ -1,0 +1,36 @@
+"""The store facade on its own: one copy per NAR, and correct file fields when deduplicating."""
+
+import hashlib
+import lzma
+from pathlib import Path
+
+from agent.nix.hashes import Hash
+from agent.nix.narinfo import NarInfo
+from agent.nix.narinfo import parse as parse_narinfo
+from agent.nix.storepath import StorePath
+from agent.store.store import Store
+
+
+def _info(hash_char: str, nar: bytes) -> NarInfo:
+    """An upstream narinfo without FileHash/FileSize (they are optional)."""
+    return NarInfo(store_path=StorePath(hash_char * 32, f"p-{hash_char}"),
+                   url=f"nar/{hash_char}.nar.xz", compression="xz",
+                   nar_hash=Hash("sha256", hashlib.sha256(nar).digest()), nar_size=len(nar))
+
+
+def test_a_second_narinfo_for_a_committed_nar_gets_its_real_file_fields(tmp_path: Path) -> None:
+    nar = b"nix-archive-1 pretend" * 100
+    packed = lzma.compress(nar)
+    store = Store(tmp_path / "store")
+    first = store.remember(_info("a", nar), "http://up/")
+    fd, tmp = store.new_temp()
+    with open(fd, "wb") as f:
+        f.write(packed)
+    file_hash = Hash("sha256", hashlib.sha256(packed).digest())
+    store.commit_nar(tmp, first.nar_file, file_hash, len(packed))
+
+    second = parse_narinfo(store.remember(_info("b", nar), "http://up/").text)
+    assert second.url == first.nar_file  # one copy
+    assert second.file_hash == file_hash and second.file_size == len(packed)
+    assert (store.layout.root / "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb.narinfo").exists()
+    assert store.index.used_bytes() == len(packed)
