@@ -1,6 +1,7 @@
-"""Builds the aiohttp applications and owns the agent's lifetime.
+"""The composition root: every part of the agent is built here, from the configuration, and
+started and stopped here, in one exit stack (stopped in the reverse order of starting).
 
-Three listeners share one Agent:
+Three listeners share the parts:
   - the Unix socket: cache protocol + health + the admin API (prewarm, pins, gc);
   - loopback TCP: cache protocol + health only (what the node's nix-daemon uses);
   - the metrics port: /metrics + health (what Prometheus and the kubelet probe).
@@ -9,13 +10,16 @@ Three listeners share one Agent:
 import asyncio
 import contextlib
 import ctypes
+import functools
 import grp
 import itertools
 import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +28,98 @@ from aiohttp import web
 
 from agent import __version__, metrics
 from agent.config import Config
+from agent.flox.floxhub import FloxHub
+from agent.flox.watch import GenerationWatch
+from agent.kube.client import kubernetes_enabled
 from agent.logs import request_id
-from agent.runtime import Agent
+from agent.prefetch import Prefetcher
+from agent.readthrough import ReadThrough
 from agent.serve import admin, cache, health
+from agent.serve.sendfile import FileSender
+from agent.store.recompress import Recompressor
+from agent.store.store import Store
+from agent.upkeep import Upkeep, run_chores
+from agent.upstream.client import Timeouts, Upstream
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+@dataclass
+class Parts:
+    """The running agent's parts, as the listeners and background tasks use them."""
+
+    config: Config
+    store: Store
+    upstreams: list[Upstream]
+    readthrough: ReadThrough
+    sender: FileSender
+    prefetcher: Prefetcher
+    upkeep: Upkeep
+    background: list[Callable[[], Coroutine[Any, Any, None]]]  # started by the caller
+
+    def status(self) -> dict[str, object]:
+        store = self.store
+        return {
+            "store": str(self.config.store), "used_bytes": store.used_bytes(),
+            "budget_bytes": self.upkeep.budget(), "free_bytes": store.free_bytes(),
+            "entries": store.counts(), "pinned_bytes": store.pins.pinned_bytes(),
+            "pins": store.pins.holders(), "disk_full": store.disk_full,
+            "upstreams": health.source_states(self.upstreams),  # type: ignore[arg-type]
+            "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
+        }
+
+
+@asynccontextmanager
+async def build(config: Config) -> AsyncIterator[Parts]:
+    """Build and start every part; on exit, stop them in reverse order."""
+    async with AsyncExitStack() as stack:
+        store = Store(config.store, priority=config.priority)
+        stack.callback(store.close)
+        timeouts = Timeouts(connect=config.upstream_connect_timeout,
+                            read=config.upstream_read_timeout,
+                            narinfo=config.upstream_narinfo_timeout)
+        upstreams = [await stack.enter_async_context(
+            Upstream(url, timeouts, config.circuit_failures, config.circuit_cooldown))
+            for url in config.upstreams]
+        background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        recompressor = None
+        if config.recompress != "none":
+            target = "none" if config.recompress == "uncompressed" else "zstd"
+            recompressor = Recompressor(store, target, config.recompress_level,
+                                        config.recompress_grace)
+            background.append(recompressor.run)
+        readthrough = ReadThrough(
+            store, list(upstreams), list(config.public_keys),
+            require_signatures=config.require_signatures, signing_key=config.signing_key,
+            negative_ttl=config.negative_ttl,
+            on_committed=recompressor.submit if recompressor else lambda file: None)
+        stack.push_async_callback(readthrough.aclose)
+        sender = FileSender()
+        stack.callback(sender.close)
+        floxhub = FloxHub(config.floxhub_git_url, store.layout.floxhub,
+                          config.floxhub_token_file)
+        watch = GenerationWatch(floxhub, config.generation_watch_interval)
+        prefetcher = await stack.enter_async_context(Prefetcher(
+            store, readthrough, floxhub, system=config.system,
+            concurrency=config.prefetch_concurrency, on_resolved=watch.follow))
+        upkeep = Upkeep(store, readthrough.busy, config)
+        background += [functools.partial(run_chores, upkeep.chores()),
+                       functools.partial(watch.run, prefetcher.follow_generation)]
+        if kubernetes_enabled(config.kubernetes, config.kubeconfig):
+            from agent.kube import run_kubernetes
+
+            background.append(functools.partial(
+                run_kubernetes, prefetcher, node_name=config.node_name or "",
+                kubeconfig=str(config.kubeconfig) if config.kubeconfig else None,
+                system=config.system))
+        metrics.STORE_BUDGET.set(upkeep.budget())
+        prefetcher.resume()
+        yield Parts(config, store, upstreams, readthrough, sender, prefetcher, upkeep,
+                    background)
+
+
+# --- the HTTP applications -------------------------------------------------------------------
 
 def _endpoint_of(resource: web.AbstractResource | None) -> str:
     path = resource.canonical if resource is not None else ""
@@ -93,26 +182,31 @@ def observe(listener: str) -> Callable:
     return middleware
 
 
-def cache_app(agent: Agent, listener: str, with_admin: bool) -> web.Application:
+def cache_app(parts: Parts, listener: str, with_admin: bool) -> web.Application:
     middlewares = [observe(listener), *([admin.json_errors] if with_admin else [])]
     app = web.Application(middlewares=middlewares, client_max_size=admin.MAX_BODY)
-    app.add_routes(cache.routes(agent) + health.routes(agent))
+    app.add_routes(cache.routes(parts.readthrough, parts.sender, parts.store.cache_info))
+    app.add_routes(health.routes(parts.store, parts.upstreams))  # type: ignore[arg-type]
     if with_admin:
-        app.add_routes(admin.routes(agent))
+        app.add_routes(admin.routes(parts.prefetcher, parts.status,
+                                    parts.upkeep.collect_garbage))
     return app
 
 
-def metrics_app(agent: Agent) -> web.Application:
+def metrics_app(parts: Parts) -> web.Application:
     async def scrape(request: web.Request) -> web.Response:
-        agent.store.update_gauges()
+        parts.store.update_gauges()
         body = prometheus_client.generate_latest()
         return web.Response(body=body,
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     app = web.Application(middlewares=[observe("metrics")])
-    app.add_routes([web.get("/metrics", scrape), *health.routes(agent)])
+    app.add_routes([web.get("/metrics", scrape),
+                    *health.routes(parts.store, parts.upstreams)])  # type: ignore[arg-type]
     return app
 
+
+# --- the process ---------------------------------------------------------------------------
 
 def _prepare_socket(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,17 +220,6 @@ def _secure_socket(path: Path, group: str | None) -> None:
     os.chmod(path, 0o660)
 
 
-async def _periodic(every: float, fn: Callable[[], object], name: str) -> None:
-    while True:
-        await asyncio.sleep(every)
-        try:
-            result = fn()
-            if asyncio.iscoroutine(result):
-                await result
-        except Exception:
-            log.exception("background task failed", extra={"fields": {"task": name}})
-
-
 def _limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives every thread that allocates its own arena; with a thread per transfer that
     is tens of MB of resident memory that is never given back. A DaemonSet's memory limit is
@@ -145,38 +228,47 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
 
 
+async def _listen(stack: AsyncExitStack, app: web.Application,
+                  make_site: Callable[[web.AppRunner], web.BaseSite]) -> None:
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)  # stop accepting, give requests a moment
+    await make_site(runner).start()
+
+
+async def _background(stack: AsyncExitStack,
+                      jobs: list[Callable[[], Coroutine[Any, Any, None]]]) -> None:
+    tasks = [asyncio.create_task(job()) for job in jobs]
+
+    async def cancel() -> None:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    stack.push_async_callback(cancel)
+
+
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     _limit_malloc_arenas()
     metrics.BUILD_INFO.info({"version": __version__})
     metrics.initialise()
-    agent = Agent.build(config)
-    await agent.start()
-    runners: list[web.AppRunner] = []
-
-    async def start(app: web.Application, make_site: Callable[[web.AppRunner], web.BaseSite]) \
-            -> None:
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
-        await runner.setup()
-        runners.append(runner)
-        await make_site(runner).start()
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks: list[asyncio.Task] = []
-    try:
+    async with AsyncExitStack() as stack:
+        parts = await stack.enter_async_context(build(config))
         _prepare_socket(config.socket)
-        await start(cache_app(agent, "unix", with_admin=True),
-                    lambda r: web.UnixSite(r, str(config.socket)))
+        stack.callback(lambda: config.socket.unlink(missing_ok=True))
+        await _listen(stack, cache_app(parts, "unix", with_admin=True),
+                      lambda r: web.UnixSite(r, str(config.socket)))
         _secure_socket(config.socket, config.socket_group)
         host, port = config.listen_addr
-        await start(cache_app(agent, "tcp", with_admin=False), lambda r: web.TCPSite(r, host, port))
+        await _listen(stack, cache_app(parts, "tcp", with_admin=False),
+                      lambda r: web.TCPSite(r, host, port))
         mhost, mport = config.metrics_addr
-        await start(metrics_app(agent), lambda r: web.TCPSite(r, mhost, mport))
-        tasks += [asyncio.create_task(t) for t in agent.background()]
-        tasks.append(asyncio.create_task(_periodic(5, agent.store.index.flush_access, "access")))
+        await _listen(stack, metrics_app(parts), lambda r: web.TCPSite(r, mhost, mport))
+        await _background(stack, parts.background)
         log.info("agent ready", extra={"fields": {
             "store": str(config.store), "socket": str(config.socket), "listen": config.listen,
             "metrics": config.metrics_listen, "upstreams": list(config.upstreams)}})
@@ -184,15 +276,4 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
             ready()
         await stop.wait()
         log.info("shutting down")
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for runner in runners:  # stop accepting, then give in-flight requests a moment
-            await runner.cleanup()
-        await agent.stop()
-        with contextlib.suppress(FileNotFoundError):
-            config.socket.unlink()
-        for leftover in agent.store.layout.tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-        log.info("stopped")
+    log.info("stopped")

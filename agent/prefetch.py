@@ -18,9 +18,9 @@ from agent import metrics
 from agent.flox.floxhub import EnvRef, FloxHub, FloxHubError, RefError, ResolvedEnv
 from agent.flox.lockfile import Lockfile, LockfileError, node_system, parse_lockfile
 from agent.nix.storepath import StorePath, StorePathError
-from agent.store.index import EnvironmentRow
+from agent.readthrough import ReadThrough, Unavailable
+from agent.store.pins import EnvironmentReport
 from agent.store.store import Store
-from agent.upstream.fetch import Fetcher, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +121,29 @@ class Job:
 
 
 class Prefetcher:
-    def __init__(self, store: Store, fetcher: Fetcher, floxhub: FloxHub | None, *,
-                 system: str | None = None, concurrency: int = 8) -> None:
+    """Runs prefetch jobs; an async context manager that cancels its running jobs on exit."""
+
+    def __init__(self, store: Store, readthrough: ReadThrough, floxhub: FloxHub | None, *,
+                 system: str | None = None, concurrency: int = 8,
+                 on_resolved: Callable[[ResolvedEnv], None] = lambda resolved: None) -> None:
         self.store = store
-        self.fetcher = fetcher
+        self.readthrough = readthrough
         self.floxhub = floxhub
         self.system = system or node_system()
         self.concurrency = concurrency
         self.jobs: dict[str, Job] = {}
         self._running: dict[tuple[str, str], Job] = {}
         # Called with each environment resolved through FloxHub (the generation watch listens).
-        self.on_resolved: list[Callable[[ResolvedEnv], None]] = []
+        self._on_resolved = on_resolved
+
+    async def __aenter__(self) -> "Prefetcher":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        tasks = [j.task for j in self._running.values() if j.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- the API used by the admin endpoints, the CLI and the Kubernetes watchers ----------
 
@@ -159,30 +171,20 @@ class Prefetcher:
         # A running job must not pin again for a holder that has let go meanwhile.
         for job in self._running.values():
             job.pins.discard(holder)
-        removed = self.store.index.unpin(holder)
+        removed = self.store.pins.release(holder)
         self.store.update_gauges()
         return removed
 
-    def environments(self) -> list[dict[str, object]]:
-        index = self.store.index
-        out = []
-        for env in index.environments():
-            present = index.present(env.closure)
-            total, done = index.closure_bytes(env.closure)
-            out.append({"ref": env.ref, "generation": env.generation, "system": env.system,
-                        "paths": len(env.closure), "paths_present": len(present),
-                        "closure_bytes": total, "present_bytes": done,
-                        "complete": len(present) == len(env.closure),
-                        "pinned_by": sorted(index.holders_of(env.closure[:1])),
-                        "updated": env.updated})
-        return out
+    def environments(self) -> list[EnvironmentReport]:
+        return self.store.pins.reports()
 
     def resume(self) -> int:
         """After a restart, finish the prefetch of pinned environments that are incomplete."""
         count = 0
-        for env in self.store.index.environments():
-            holders = self.store.index.holders_of(env.closure[:1])
-            if not holders or len(self.store.index.present(env.closure)) == len(env.closure):
+        pins = self.store.pins
+        for env in pins.environments():
+            holders = pins.holders_of_environment(env)
+            if not holders or pins.is_complete(env):
                 continue
             # A target with only a name walks the closure recorded for it.
             job = self.submit(Target(env.ref), system=env.system)
@@ -191,6 +193,17 @@ class Prefetcher:
         if count:
             log.info("resuming interrupted prefetches", extra={"fields": {"count": count}})
         return count
+
+    async def follow_generation(self, resolved: ResolvedEnv) -> None:
+        """A new live generation of an environment in use: prefetch it, pinned by whoever
+        pins the one before."""
+        ref = str(resolved.ref.unpinned)
+        env = self.store.pins.environment(ref)
+        holders = self.store.pins.holders_of_environment(env) if env else set()
+        log.info("new generation, prefetching", extra={"fields": {
+            "environment": ref, "generation": resolved.generation}})
+        job = self.submit(Target.parse(ref=ref))
+        job.pins.update(holders)
 
     # --- the work --------------------------------------------------------------------------
 
@@ -201,8 +214,8 @@ class Prefetcher:
             roots = [StorePath.parse(r).hash_part if r.startswith("/") else r
                      for r in await self._roots(job)]
             # Known from the start, so a restart can resume an interrupted prefetch.
-            self.store.index.save_environment(EnvironmentRow(
-                job.target.name, job.generation, job.system, tuple(roots), 0, time.time()))
+            self.store.pins.record_environment(job.target.name, job.generation, job.system,
+                                               roots)
             closure = await self._walk_and_fetch(job, roots)
             self._record(job, closure)
             if job.progress.failures:
@@ -236,8 +249,7 @@ class Prefetcher:
                 raise TargetError("FloxHub is not configured")
             resolved = await self.floxhub.resolve(t.env)
             job.generation = resolved.generation
-            for callback in self.on_resolved:
-                callback(resolved)
+            self._on_resolved(resolved)
             return _system_roots(resolved.lockfile, job.system, t.name)
         if t.lockfile:
             lock = parse_lockfile(t.lockfile)
@@ -245,7 +257,7 @@ class Prefetcher:
         if t.store_paths:
             return [StorePath.parse(p).hash_part for p in t.store_paths]
         # A resumed target: its recorded closure.
-        env = next((e for e in self.store.index.environments() if e.ref == t.name), None)
+        env = self.store.pins.environment(t.name)
         return list(env.closure) if env else []
 
     async def _walk_and_fetch(self, job: Job, roots: list[str]) -> list[str]:
@@ -260,8 +272,8 @@ class Prefetcher:
 
         async def visit(h: str) -> None:
             try:
-                found = await self.fetcher.lookup(h)
-            except UpstreamUnavailable as e:
+                found = await self.readthrough.narinfo(h)
+            except Unavailable as e:
                 p.failures[h] = f"upstream unavailable: {e}"
                 return
             if found.row is None:
@@ -273,16 +285,16 @@ class Prefetcher:
                     order.append(ref)
                     p.paths_total += 1
                     queue.put_nowait(ref)
-            nar = self.store.nar(found.row.nar_file)
+            nar = self.store.nar_row(found.row.nar_file)
             size = (nar.file_size or nar.nar_size) if nar else 0
             if found.row.nar_file not in files_counted:
                 files_counted.add(found.row.nar_file)
                 p.bytes_total += size
             if job.pins:  # protect what is known before fetching the rest
                 for holder in job.pins:
-                    self.store.index.pin_add(holder, [h])
+                    self.store.pins.add(holder, [h])
             try:
-                fetched = await self.fetcher.ensure_nar(found.row.nar_file)
+                fetched = await self.readthrough.fetch_nar(found.row.nar_file)
             except Exception as e:  # upstream error, verification failure, store full
                 p.failures[h] = str(e) or type(e).__name__
                 return
@@ -311,11 +323,9 @@ class Prefetcher:
         return order
 
     def _record(self, job: Job, closure: list[str]) -> None:
-        total, _ = self.store.index.closure_bytes(closure)
-        self.store.index.save_environment(EnvironmentRow(
-            job.target.name, job.generation, job.system, tuple(closure), total, time.time()))
+        self.store.pins.record_environment(job.target.name, job.generation, job.system, closure)
         for holder in job.pins:
-            self.store.index.pin(holder, closure)
+            self.store.pins.replace(holder, closure)
         self.store.update_gauges()
 
     def _forget_old_jobs(self, keep: int = 500) -> None:

@@ -2,7 +2,7 @@
 before the next pod asks for it.
 
 Each round costs one `git ls-remote` per tracked environment; only a moved branch triggers a
-fetch and a resolve, and only a changed live generation triggers `on_change`.
+fetch and a resolve, and only a changed live generation is handed to `run`'s `on_change`.
 """
 
 import asyncio
@@ -28,13 +28,20 @@ class _State:
     pending: ResolvedEnv | None = None
 
 
+OnChange = Callable[[ResolvedEnv], Awaitable[None]]
+
+
 class GenerationWatch:
-    def __init__(self, floxhub: FloxHub, interval: float,
-                 on_change: Callable[[ResolvedEnv], Awaitable[None]]) -> None:
+    def __init__(self, floxhub: FloxHub, interval: float) -> None:
         self.floxhub = floxhub
         self.interval = interval
-        self.on_change = on_change
         self._states: dict[Key, _State] = {}
+
+    def follow(self, resolved: ResolvedEnv) -> None:
+        """An environment was just resolved: an unpinned ref follows its live generation (an
+        explicit `owner/env:N` stays on N)."""
+        if resolved.ref.generation is None:
+            self.track(resolved.ref.owner, resolved.ref.name, generation=resolved.generation)
 
     def track(self, owner: str, env: str, *, generation: int | None = None) -> None:
         """Watch owner/env (again). Pass the generation the caller already handled, if any: a
@@ -51,19 +58,19 @@ class GenerationWatch:
     def tracked(self) -> set[Key]:
         return set(self._states)
 
-    async def run(self) -> None:
+    async def run(self, on_change: OnChange) -> None:
         while True:
-            await self.check_once()
+            await self.check_once(on_change)
             await asyncio.sleep(self.interval)
 
-    async def check_once(self) -> None:
+    async def check_once(self, on_change: OnChange) -> None:
         keys = list(self._states)
-        await asyncio.gather(*(self._check_logged(key) for key in keys))
+        await asyncio.gather(*(self._check_logged(key, on_change) for key in keys))
 
-    async def _check_logged(self, key: Key) -> None:
+    async def _check_logged(self, key: Key, on_change: OnChange) -> None:
         # A FloxHub outage or a failing callback must not stop the watch: retry next round.
         try:
-            await self._check(key)
+            await self._check(key, on_change)
         except FloxHubError as e:  # expected during outages: the message says it all
             log.warning("generation watch of %s/%s failed; retrying in %gs: %s", *key,
                         self.interval, e)
@@ -71,7 +78,7 @@ class GenerationWatch:
             log.exception("generation watch of %s/%s failed; retrying in %gs", *key,
                           self.interval)
 
-    async def _check(self, key: Key) -> None:
+    async def _check(self, key: Key, on_change: OnChange) -> None:
         state = self._states.get(key)
         if state is None:
             return
@@ -85,7 +92,7 @@ class GenerationWatch:
             resolved = await self.floxhub.resolve(EnvRef(*key))
             self._observe(key, state, resolved)
         if state.pending is not None:
-            await self.on_change(state.pending)
+            await on_change(state.pending)
             state.pending = None
 
     def _observe(self, key: Key, state: _State, resolved: ResolvedEnv) -> None:

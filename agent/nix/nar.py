@@ -11,6 +11,7 @@ Directory entries are strictly sorted by name (bytes), and names are never empty
 or contain `/` or NUL. The reader checks all of that, and that nothing follows the root node.
 """
 
+import json
 import os
 import stat
 import struct
@@ -294,12 +295,15 @@ def _text(raw: bytes, what: str) -> str:
 
 # --- listings --------------------------------------------------------------------------------
 
-def listing(events: Iterator[Event]) -> dict[str, Any]:
-    """Nix's `.ls` JSON shape from a stream of events (Data events are skipped)."""
-    root: dict[str, Any] | None = None
-    for event in events:
+class Listing:
+    """Builds Nix's `.ls` JSON shape from events as a reader yields them (Data is skipped)."""
+
+    def __init__(self) -> None:
+        self.root: dict[str, Any] | None = None
+
+    def add(self, event: Event) -> None:
         if isinstance(event, Data):
-            continue
+            return
         if isinstance(event, Directory):
             node: dict[str, Any] = {"type": "directory", "entries": {}}
         elif isinstance(event, Symlink):
@@ -309,29 +313,55 @@ def listing(events: Iterator[Event]) -> dict[str, Any]:
             if event.executable:
                 node["executable"] = True
         if not event.path:
-            root = node
-            continue
-        assert root is not None
-        parent = root
+            self.root = node
+            return
+        assert self.root is not None
+        parent = self.root
         for part in event.path[:-1]:
             parent = parent["entries"][part]
         parent["entries"][event.path[-1]] = node
-    if root is None:
-        raise NarFormatError("empty NAR")
-    return root
+
+    def result(self) -> dict[str, Any]:
+        if self.root is None:
+            raise NarFormatError("empty NAR")
+        return self.root
+
+
+def listing(events: Iterator[Event]) -> dict[str, Any]:
+    """Nix's `.ls` JSON shape from a stream of events."""
+    builder = Listing()
+    for event in events:
+        builder.add(event)
+    return builder.result()
+
+
+def listing_file(root: dict[str, Any]) -> bytes:
+    """The `<hash>.ls` document a binary cache serves (as Nix writes with write-nar-listing)."""
+    return json.dumps({"version": 1, "root": root}, separators=(",", ":")).encode()
+
+
+class ListingReader:
+    """Feed a NAR's bytes, get its listing: a NarReader and a Listing together."""
+
+    def __init__(self) -> None:
+        self._reader = NarReader()
+        self._listing = Listing()
+
+    def feed(self, chunk: bytes) -> None:
+        for event in self._reader.feed(chunk):
+            self._listing.add(event)
+
+    def result(self) -> dict[str, Any]:
+        self._reader.finish()
+        return self._listing.result()
 
 
 def list_nar(data: bytes, chunk: int = 1 << 16) -> dict[str, Any]:
     """Parse a whole NAR (fed in `chunk`-sized pieces) into its listing."""
-    reader = NarReader()
-
-    def events() -> Iterator[Event]:
-        for i in range(0, len(data), chunk):
-            yield from reader.feed(data[i:i + chunk])
-        yield from reader.feed(b"")
-        reader.finish()
-
-    return listing(events())
+    reader = ListingReader()
+    for i in range(0, len(data), chunk):
+        reader.feed(data[i:i + chunk])
+    return reader.result()
 
 
 # --- writer ----------------------------------------------------------------------------------

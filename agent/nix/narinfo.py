@@ -51,16 +51,14 @@ class NarInfo:
         return replace(self, sigs=sigs)
 
     def render(self, store_dir: str = STORE_DIR) -> str:
+        return (f"StorePath: {self.store_path.path(store_dir)}\n"
+                + file_fields(self.url, self.compression, self.file_hash, self.file_size)
+                + self.render_path_fields())
+
+    def render_path_fields(self) -> str:
+        """The lines about the store path itself: everything but StorePath and the file
+        fields (which a cache may change when it re-encodes the file)."""
         lines = [
-            ("StorePath", self.store_path.path(store_dir)),
-            ("URL", self.url),
-            ("Compression", self.compression),
-        ]
-        if self.file_hash is not None:
-            lines.append(("FileHash", str(self.file_hash)))
-        if self.file_size is not None:
-            lines.append(("FileSize", str(self.file_size)))
-        lines += [
             ("NarHash", str(self.nar_hash)),
             ("NarSize", str(self.nar_size)),
             ("References", " ".join(r.base_name for r in self.references)),
@@ -72,6 +70,17 @@ class NarInfo:
             lines.append(("CA", self.ca))
         lines += list(self.extra)
         return "".join(f"{k}: {v}\n" for k, v in lines)
+
+
+def file_fields(url: str, compression: str, file_hash: Hash | None,
+                file_size: int | None) -> str:
+    """The narinfo lines about the (compressed) file: URL, Compression, FileHash, FileSize."""
+    text = f"URL: {url}\nCompression: {compression}\n"
+    if file_hash is not None:
+        text += f"FileHash: {file_hash}\n"
+    if file_size is not None:
+        text += f"FileSize: {file_size}\n"
+    return text
 
 
 def parse(text: str, store_dir: str = STORE_DIR) -> NarInfo:

@@ -5,9 +5,12 @@ decompression are CPU work) and calls `finish()` before trusting any of them.
 """
 
 import hashlib
+from dataclasses import dataclass
+from typing import Any
 
 from agent.nix.compression import UnsupportedCompression, decoder
 from agent.nix.hashes import Hash
+from agent.nix.nar import ListingReader, NarFormatError
 from agent.nix.narinfo import NarInfo
 
 
@@ -19,9 +22,28 @@ class VerificationError(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What a NAR file must match, as its signed narinfo states it. The file fields may be
+    unknown (an upstream narinfo without FileHash/FileSize): then they are measured."""
+
+    compression: str
+    nar_hash: Hash
+    nar_size: int
+    file_hash: Hash | None = None
+    file_size: int | None = None
+
+    @classmethod
+    def of(cls, info: NarInfo) -> "Expected":
+        return cls(info.compression, info.nar_hash, info.nar_size, info.file_hash,
+                   info.file_size)
+
+
 class NarVerifier:
-    def __init__(self, info: NarInfo) -> None:
+    def __init__(self, info: Expected, *, listing: bool = False) -> None:
+        """listing: also build the NAR's `.ls` listing from the decoded bytes."""
         self.info = info
+        self._listing: ListingReader | None = ListingReader() if listing else None
         self.file_size = 0
         self.nar_size = 0
         # Always hash the file: a narinfo without FileHash gets one when the store re-renders it.
@@ -51,6 +73,11 @@ class NarVerifier:
         if self.nar_size > self.info.nar_size:
             raise VerificationError("nar_size", f"NAR larger than NarSize {self.info.nar_size}")
         self._nar_hasher.update(data)
+        if self._listing is not None:
+            try:
+                self._listing.feed(data)
+            except NarFormatError:  # the hashes decide validity; only the listing is lost
+                self._listing = None
 
     def finish(self) -> None:
         info = self.info
@@ -75,6 +102,15 @@ class NarVerifier:
         if self._nar_hasher.digest() != info.nar_hash.digest:
             got = Hash(info.nar_hash.algo, self._nar_hasher.digest())
             raise VerificationError("nar_hash", f"NarHash is {info.nar_hash}, got {got}")
+
+    def listing(self) -> dict[str, Any] | None:
+        """The NAR's listing, after `finish()`; None when not asked for or not parseable."""
+        if self._listing is None:
+            return None
+        try:
+            return self._listing.result()
+        except NarFormatError:
+            return None
 
     def file_hash(self) -> Hash:
         """The hash of the file bytes fed so far."""

@@ -12,12 +12,13 @@
 """
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from agent.prefetch import Target, TargetError
-from agent.runtime import Agent
+from agent.prefetch import Prefetcher, Target, TargetError
+from agent.store.gc import GcResult
 
 MAX_BODY = 1 << 20  # a lockfile is a few hundred KB at most
 
@@ -71,8 +72,8 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error(e.status, e.reason)
 
 
-def routes(agent: Agent) -> list[web.RouteDef]:
-    prefetcher = agent.prefetcher
+def routes(prefetcher: Prefetcher, status_report: Callable[[], dict[str, object]],
+           collect_garbage: Callable[..., Awaitable[GcResult]]) -> list[web.RouteDef]:
 
     async def prewarm(request: web.Request) -> web.Response:
         body = await _body(request)
@@ -104,7 +105,7 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         return _json([j.to_json() for j in prefetcher.jobs.values()])
 
     async def environments(request: web.Request) -> web.Response:
-        return _json(prefetcher.environments())
+        return _json([e.to_json() for e in prefetcher.environments()])
 
     async def unpin(request: web.Request) -> web.Response:
         ref = request.match_info["ref"]
@@ -113,11 +114,12 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         return _error(404, f"{ref} is not pinned by a prewarm")
 
     async def status(request: web.Request) -> web.Response:
-        return _json(agent.status())
+        return _json(status_report())
 
     async def gc(request: web.Request) -> web.Response:
         body = await _body(request)
-        return _json(await agent.collect_garbage(dry_run=bool(body.get("dry_run"))))
+        result = await collect_garbage(dry_run=bool(body.get("dry_run")))
+        return _json(result.to_json())
 
     return [
         web.post("/v1/prewarm", prewarm),

@@ -5,10 +5,15 @@ import time
 
 from aiohttp import web
 
-from agent.runtime import Agent
+from agent.readthrough import Source
+from agent.store.store import Store
 
 
-def routes(agent: Agent) -> list[web.RouteDef]:
+def source_states(sources: list[Source]) -> dict[str, str]:
+    return {s.name: "circuit_open" if s.breaker.is_open else "ok" for s in sources}
+
+
+def routes(store: Store, sources: list[Source]) -> list[web.RouteDef]:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -16,17 +21,16 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         checks: dict[str, object] = {}
         ready = True
         try:
-            agent.store.index.counts()
+            store.counts()
             checks["index"] = "ok"
         except Exception as e:  # the index is unusable: nothing can be served
             checks["index"] = f"error: {e}"
             ready = False
-        checks["disk"] = "full" if agent.store.disk_full else "ok"
-        checks["free_bytes"] = agent.store.free_bytes()
-        checks["upstreams"] = {u.name: "circuit_open" if u.breaker.is_open else "ok"
-                               for u in agent.upstreams}
-        body = {"ready": ready, "degraded": agent.store.disk_full or any(
-            u.breaker.is_open for u in agent.upstreams), "checks": checks, "time": time.time()}
+        checks["disk"] = "full" if store.disk_full else "ok"
+        checks["free_bytes"] = store.free_bytes()
+        checks["upstreams"] = source_states(sources)
+        degraded = store.disk_full or any(s.breaker.is_open for s in sources)
+        body = {"ready": ready, "degraded": degraded, "checks": checks, "time": time.time()}
         return web.Response(status=200 if ready else 503, text=json.dumps(body) + "\n",
                             content_type="application/json")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 # One thread per transfer in progress; a transfer spends its time blocked in the kernel.
-SENDFILE_POOL = ThreadPoolExecutor(max_workers=128, thread_name_prefix="fnc-sendfile")
+SENDFILE_THREADS = 128
 MAX_STEP = 16 << 20
 SEND_BUFFER = 4 << 20
 
@@ -84,12 +84,28 @@ def _sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int, timeout: 
     return sent
 
 
-async def send_file(request: web.Request, path: Path, content_type: str, *,
-                    stall_timeout: float = 60.0) -> tuple[web.StreamResponse, int]:
-    """Send `path` (honouring Range); returns the response and the body bytes sent."""
-    loop = asyncio.get_running_loop()
-    fd = await loop.run_in_executor(SENDFILE_POOL, os.open, path, os.O_RDONLY)
-    try:
+class FileSender:
+    """Sends committed files zero-copy; owns the threads that do it (`close` stops them)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=SENDFILE_THREADS,
+                                        thread_name_prefix="fnc-sendfile")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def send(self, request: web.Request, path: Path, content_type: str, *,
+                   stall_timeout: float = 60.0) -> tuple[web.StreamResponse, int]:
+        """Send `path` (honouring Range); returns the response and the body bytes sent."""
+        loop = asyncio.get_running_loop()
+        fd = await loop.run_in_executor(self._pool, os.open, path, os.O_RDONLY)
+        try:
+            return await self._send_open(request, fd, content_type, stall_timeout)
+        finally:
+            os.close(fd)
+
+    async def _send_open(self, request: web.Request, fd: int, content_type: str,
+                         stall_timeout: float) -> tuple[web.StreamResponse, int]:
         size = os.fstat(fd).st_size
         span = _byte_range(request, size)
         start, stop = span or (0, size)
@@ -113,8 +129,8 @@ async def send_file(request: web.Request, path: Path, content_type: str, *,
         sock_fd = os.dup(sock.fileno())
         try:
             _widen_send_buffer(sock_fd)
-            sent = await loop.run_in_executor(SENDFILE_POOL, _sendfile_all, sock_fd, fd,
-                                              start, stop - start, stall_timeout)
+            sent = await asyncio.get_running_loop().run_in_executor(
+                self._pool, _sendfile_all, sock_fd, fd, start, stop - start, stall_timeout)
         except (OSError, ClientStalled, EOFError):
             transport.abort()  # a half-sent body must not look complete
             raise
@@ -122,5 +138,3 @@ async def send_file(request: web.Request, path: Path, content_type: str, *,
             os.close(sock_fd)
         await resp.write_eof()
         return resp, sent
-    finally:
-        os.close(fd)

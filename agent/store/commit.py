@@ -76,6 +76,11 @@ def recover(layout: Layout, index: Index) -> dict[str, int]:
         if not (layout.root / row.file).exists():
             index.remove_nar(row.file)
             stats["dangling"] += 1
+    listed = {row.nar_hash.nix32 for row in index.committed_nars()}
+    for path in layout.listing_dir.iterdir():
+        if path.name.removesuffix(".ls") not in listed:
+            path.unlink()
+            stats["orphans"] += 1
 
     # narinfo files: visible only when their NAR is committed.
     for path in layout.root.glob("*.narinfo"):

@@ -34,12 +34,12 @@ def collect(store: Store, budget: int, *, low: float, high: float, busy: Callabl
             dry_run: bool = False, force: bool = False) -> GcResult:
     """Evict down to `low` x budget once usage is above `high` x budget (or always, `force`)."""
     start = time.monotonic()
-    used = store.index.used_bytes()
+    used = store.used_bytes()
     result = GcResult(dry_run, budget, used, used)
     if used <= high * budget and not force:
         return result
     target = low * budget
-    for nar in store.index.eviction_candidates():
+    for nar in store.eviction_candidates():
         if result.used_after <= target:
             break
         if nar.file in busy():

@@ -15,6 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.nix.hashes import Hash
+from agent.nix.narinfo import file_fields
+from agent.nix.verify import Expected
+
 CACHE_ENTRIES = 50_000  # ~25 MB of narinfo text at most
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nars (
@@ -36,7 +40,7 @@ CREATE TABLE IF NOT EXISTS narinfos (
     hash TEXT PRIMARY KEY,          -- store path hash part
     store_path TEXT NOT NULL,
     nar_file TEXT NOT NULL REFERENCES nars (file),
-    text TEXT NOT NULL,             -- the narinfo exactly as served
+    text TEXT NOT NULL,             -- the narinfo without its file fields (from `nars`)
     refs TEXT NOT NULL,             -- space-separated hash parts of References
     committed INTEGER NOT NULL DEFAULT 0,
     last_access REAL NOT NULL
@@ -62,14 +66,18 @@ CREATE TABLE IF NOT EXISTS environments (
 @dataclass(frozen=True)
 class NarRow:
     file: str
-    nar_hash: str
+    nar_hash: Hash
     nar_size: int
     compression: str
-    file_hash: str | None
+    file_hash: Hash | None
     file_size: int | None
-    upstream: str | None
-    upstream_url: str | None
+    source: str | None      # the URL of the source that serves it, while not committed
+    source_url: str | None  # its URL there
     committed: bool
+
+    def expected(self) -> Expected:
+        return Expected(self.compression, self.nar_hash, self.nar_size, self.file_hash,
+                        self.file_size)
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ class NarInfoRow:
     hash: str
     store_path: str
     nar_file: str
-    text: str
+    text: str               # as served: the NAR's file fields, then the path's own fields
     refs: tuple[str, ...]
     committed: bool
 
@@ -111,6 +119,7 @@ class Index:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=OFF")
         self.db.executescript(SCHEMA)
+        _migrate(self.db)
         # Committed narinfos by hash: a hit is served without a query. Every method that
         # rewrites or removes a committed narinfo drops its entry.
         self._cache: dict[str, NarInfoRow] = {}
@@ -156,12 +165,10 @@ class Index:
 
     @_locked
     def _narinfo(self, hash_part: str) -> NarInfoRow | None:
-        row = self.db.execute(
-            "SELECT hash, store_path, nar_file, text, refs, committed FROM narinfos "
-            "WHERE hash = ?", (hash_part,)).fetchone()
+        row = self.db.execute(f"{_NARINFO_SELECT} WHERE i.hash = ?", (hash_part,)).fetchone()
         if not row:
             return None
-        info = NarInfoRow(row[0], row[1], row[2], row[3], tuple(row[4].split()), bool(row[5]))
+        info = _narinfo_row(row)
         if info.committed:
             if len(self._cache) >= CACHE_ENTRIES:
                 self._cache.clear()
@@ -178,23 +185,31 @@ class Index:
         return _nar_row(row) if row else None
 
     @_locked
-    def committed_nar_with_hash(self, nar_hash: str) -> NarRow | None:
+    def committed_nar_with_hash(self, nar_hash: Hash) -> NarRow | None:
         row = self.db.execute(f"SELECT {_NAR_COLS} FROM nars WHERE nar_hash = ? AND committed = 1 "
-                              "ORDER BY replaced_by IS NULL DESC", (nar_hash,)).fetchone()
+                              "ORDER BY replaced_by IS NULL DESC", (str(nar_hash),)).fetchone()
         return _nar_row(row) if row else None
 
     @_locked
-    def replace_nar(self, old: str, new: NarRow, narinfos: list[NarInfoRow]) -> None:
-        """Point every narinfo of `old` at the re-encoded `new`; keep `old` for a grace period."""
+    def has_nar_hash(self, nar_hash: Hash) -> bool:
+        """Whether any committed NAR file (in any encoding) holds this NAR."""
+        return self.db.execute("SELECT 1 FROM nars WHERE nar_hash = ? AND committed = 1",
+                               (str(nar_hash),)).fetchone() is not None
+
+    @_locked
+    def replace_nar(self, old: str, new: NarRow) -> list[NarInfoRow]:
+        """Point every narinfo of `old` at the re-encoded `new`; keep `old` for a grace period.
+        Returns the repointed narinfos."""
         now = time.time()
         with self.transaction() as db:
             db.execute(f"INSERT OR REPLACE INTO nars ({_NAR_COLS}, last_access) "
                        "VALUES (?,?,?,?,?,?,?,?,?,?)", (*_nar_values(new), now))
-            db.executemany("UPDATE narinfos SET nar_file = ?, text = ? WHERE hash = ?",
-                           [(new.file, i.text, i.hash) for i in narinfos])
+            db.execute("UPDATE narinfos SET nar_file = ? WHERE nar_file = ?", (new.file, old))
             db.execute("UPDATE nars SET replaced_by = ?, replaced_at = ? WHERE file = ?",
                        (new.file, now, old))
-        self._uncache(i.hash for i in narinfos)
+        infos = self.narinfos_for_nar(new.file)
+        self._uncache(i.hash for i in infos)
+        return infos
 
     @_locked
     def replaced_before(self, cutoff: float) -> list[str]:
@@ -202,8 +217,9 @@ class Index:
             "SELECT file FROM nars WHERE replaced_by IS NOT NULL AND replaced_at < ?", (cutoff,))]
 
     @_locked
-    def put_pending(self, nar: NarRow, info: NarInfoRow) -> None:
-        """Remember an upstream narinfo whose NAR is not on disk yet."""
+    def put_pending(self, nar: NarRow, info: "PathFields") -> None:
+        """Remember an upstream narinfo whose NAR is not on disk yet (or points at a committed
+        NAR: it is then committed by the caller once its file is written)."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
@@ -217,15 +233,22 @@ class Index:
                 "store_path = excluded.store_path, nar_file = excluded.nar_file, "
                 "text = excluded.text, refs = excluded.refs, committed = excluded.committed "
                 "WHERE narinfos.committed = 0",
-                (info.hash, info.store_path, info.nar_file, info.text, " ".join(info.refs),
+                (info.hash, info.store_path, nar.file, info.text, " ".join(info.refs),
                  int(info.committed), now))
 
     @_locked
-    def mark_nar_committed(self, file: str, file_size: int, file_hash: str | None = None) -> None:
+    def mark_nar_committed(self, file: str, file_size: int, file_hash: Hash | None = None) \
+            -> None:
         """file_hash: the measured hash, for NARs whose upstream narinfo had no FileHash."""
         self.db.execute("UPDATE nars SET committed = 1, file_size = ?, "
                         "file_hash = COALESCE(file_hash, ?), last_access = ? WHERE file = ?",
-                        (file_size, file_hash, time.time(), file))
+                        (file_size, str(file_hash) if file_hash else None, time.time(), file))
+
+    @_locked
+    def mark_narinfos_committed(self, nar_file: str) -> list[NarInfoRow]:
+        """Every narinfo of a committed NAR becomes visible; returns them."""
+        self.db.execute("UPDATE narinfos SET committed = 1 WHERE nar_file = ?", (nar_file,))
+        return self.narinfos_for_nar(nar_file)
 
     @_locked
     def mark_narinfo_committed(self, hash_part: str) -> None:
@@ -260,16 +283,13 @@ class Index:
 
     @_locked
     def narinfos_for_nar(self, file: str) -> list[NarInfoRow]:
-        rows = self.db.execute(
-            "SELECT hash, store_path, nar_file, text, refs, committed FROM narinfos "
-            "WHERE nar_file = ?", (file,))
-        return [NarInfoRow(r[0], r[1], r[2], r[3], tuple(r[4].split()), bool(r[5])) for r in rows]
+        rows = self.db.execute(f"{_NARINFO_SELECT} WHERE i.nar_file = ?", (file,))
+        return [_narinfo_row(r) for r in rows]
 
     @_locked
     def committed_narinfos(self) -> list[NarInfoRow]:
-        rows = self.db.execute("SELECT hash, store_path, nar_file, text, refs, committed "
-                               "FROM narinfos WHERE committed = 1")
-        return [NarInfoRow(r[0], r[1], r[2], r[3], tuple(r[4].split()), True) for r in rows]
+        rows = self.db.execute(f"{_NARINFO_SELECT} WHERE i.committed = 1")
+        return [_narinfo_row(r) for r in rows]
 
     @_locked
     def committed_nars(self) -> list[NarRow]:
@@ -413,14 +433,54 @@ class Index:
         return [_nar_row(r) for r in rows.fetchall()]
 
 
+@dataclass(frozen=True)
+class PathFields:
+    """What a narinfo says about its store path (everything but the file fields), as stored."""
+
+    hash: str
+    store_path: str
+    text: str
+    refs: tuple[str, ...]
+    committed: bool
+
+
+# A narinfo as served: the file fields of its NAR, then the path's own fields.
+_NARINFO_SELECT = (
+    "SELECT i.hash, i.store_path, i.nar_file, i.text, i.refs, i.committed, n.compression, "
+    "n.file_hash, n.file_size FROM narinfos i JOIN nars n ON n.file = i.nar_file")
+
+
+def _narinfo_row(r: tuple) -> NarInfoRow:
+    fields = file_fields(r[2], r[6], Hash.parse(r[7]) if r[7] else None, r[8])
+    return NarInfoRow(r[0], r[1], r[2], f"StorePath: {r[1]}\n{fields}{r[3]}",
+                      tuple(r[4].split()), bool(r[5]))
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Version 1 keeps a narinfo's file fields only in its NAR's row: re-encoding and commits
+    never rewrite narinfo text."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= 1:
+        return
+    drop = ("StorePath:", "URL:", "Compression:", "FileHash:", "FileSize:")
+    rows = db.execute("SELECT hash, text FROM narinfos").fetchall()
+    db.execute("BEGIN IMMEDIATE")
+    db.executemany("UPDATE narinfos SET text = ? WHERE hash = ?", [
+        ("".join(line for line in text.splitlines(keepends=True) if not line.startswith(drop)), h)
+        for h, text in rows])
+    db.execute("PRAGMA user_version = 1")
+    db.execute("COMMIT")
+
+
 _NAR_COLS = ("file, nar_hash, nar_size, compression, file_hash, file_size, upstream, "
              "upstream_url, committed")
 
 
 def _nar_row(r: tuple) -> NarRow:
-    return NarRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]))
+    return NarRow(r[0], Hash.parse(r[1]), r[2], r[3], Hash.parse(r[4]) if r[4] else None, r[5],
+                  r[6], r[7], bool(r[8]))
 
 
 def _nar_values(n: NarRow) -> tuple:
-    return (n.file, n.nar_hash, n.nar_size, n.compression, n.file_hash, n.file_size, n.upstream,
-            n.upstream_url, int(n.committed))
+    return (n.file, str(n.nar_hash), n.nar_size, n.compression,
+            str(n.file_hash) if n.file_hash else None, n.file_size, n.source, n.source_url,
+            int(n.committed))

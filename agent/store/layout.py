@@ -35,6 +35,14 @@ class Layout:
         return self.root / "nar"
 
     @property
+    def listing_dir(self) -> Path:
+        return self.root / "ls"
+
+    def listing(self, nar_hash: Hash) -> Path:
+        """A NAR's `.ls` listing, shared by every narinfo and encoding of the same NAR."""
+        return self.listing_dir / f"{nar_hash.nix32}.ls"
+
+    @property
     def cache_info(self) -> Path:
         return self.root / "nix-cache-info"
 
@@ -49,7 +57,7 @@ class Layout:
         return self.root / name
 
     def create(self) -> None:
-        for d in (self.root, self.tmp, self.nar_dir):
+        for d in (self.root, self.tmp, self.nar_dir, self.listing_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

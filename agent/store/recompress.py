@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import os
+from dataclasses import replace
 
 import zstandard
 
@@ -18,9 +19,9 @@ from agent import metrics
 from agent.nix.compression import decoder
 from agent.nix.hashes import Hash
 from agent.nix.verify import NarVerifier, VerificationError
+from agent.store.index import NarRow
 from agent.store.layout import nar_file_name
 from agent.store.store import Store
-from agent.store.verify import verify_info
 
 log = logging.getLogger(__name__)
 READ = 1 << 20
@@ -29,8 +30,7 @@ SOURCES = {"zstd": {"xz", "bzip2", "gzip"}, "none": {"xz", "bzip2", "gzip", "zst
 
 
 class Recompressor:
-    def __init__(self, store: Store, target: str, level: int, grace: float,
-                 pool: object) -> None:
+    def __init__(self, store: Store, target: str, level: int, grace: float) -> None:
         """target: "zstd" (smaller) or "none" (uncompressed: no decoding at all on the client,
         at the cost of disk space)."""
         self.store = store
@@ -38,20 +38,19 @@ class Recompressor:
         self.sources = SOURCES[target]
         self.level = level
         self.grace = grace
-        self.pool = pool
         self.queue: asyncio.Queue[str] = asyncio.Queue()
 
     def submit(self, file: str) -> None:
-        row = self.store.nar(file)
+        row = self.store.nar_row(file)
         if row and row.compression in self.sources:
             self.queue.put_nowait(file)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Re-encode submitted NARs one at a time, until cancelled."""
         while True:
             file = await self.queue.get()
             try:
-                await loop.run_in_executor(self.pool, self.recompress, file)  # type: ignore
+                await self.store.run_io(self.recompress, file)
             except Exception:
                 log.exception("re-encoding failed", extra={"fields": {"file": file}})
                 metrics.RECOMPRESSIONS.labels("error").inc()
@@ -60,7 +59,7 @@ class Recompressor:
             self.store.drop_replaced(self.grace)
 
     def recompress(self, file: str) -> None:
-        old = self.store.nar(file)
+        old = self.store.nar_row(file)
         if old is None or not old.committed or old.compression not in self.sources:
             return
         fd, tmp = self.store.new_temp()
@@ -68,7 +67,7 @@ class Recompressor:
             file_hash, size = self._encode(self.store.layout.nar(file), old.compression, fd)
             self._verify(tmp, old, file_hash, size)
             new_file = nar_file_name(file_hash, self.target)
-            if self.store.nar(new_file) is None:
+            if self.store.nar_row(new_file) is None:
                 self.store.replace_encoding(old, tmp, new_file, self.target, file_hash, size)
         except VerificationError as e:
             metrics.RECOMPRESSIONS.labels("rejected").inc()
@@ -98,9 +97,10 @@ class Recompressor:
                 sink.close()
         return Hash("sha256", digest.digest()), hashing.size
 
-    def _verify(self, tmp: os.PathLike, old, file_hash: Hash, size: int) -> None:  # type: ignore
-        info = verify_info(old).with_file(old.file, self.target, file_hash, size)
-        verifier = NarVerifier(info)
+    def _verify(self, tmp: os.PathLike, old: NarRow, file_hash: Hash, size: int) -> None:
+        expected = replace(old.expected(), compression=self.target, file_hash=file_hash,
+                           file_size=size)
+        verifier = NarVerifier(expected)
         with open(tmp, "rb") as f:
             while chunk := f.read(READ):
                 verifier.update(chunk)

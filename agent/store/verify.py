@@ -3,14 +3,15 @@
 One check serves both `flox-node-cache verify` and the agent's rate-limited background scrub.
 """
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.nix.hashes import Hash
-from agent.nix.narinfo import NarInfo
-from agent.nix.storepath import StorePath
+from agent import metrics
+from agent.nix.nar import listing_file
+from agent.nix.storepath import is_hash_part
 from agent.nix.verify import NarVerifier, VerificationError
 from agent.store.index import NarRow
 from agent.store.layout import is_nar_file
@@ -19,18 +20,12 @@ from agent.store.store import Store
 READ = 1 << 20
 
 
-def verify_info(nar: NarRow) -> NarInfo:
-    """The fields a NAR file is checked against, as its (signed) narinfo stated them."""
-    return NarInfo(
-        store_path=StorePath("0" * 32, "unused"), url=nar.upstream_url or nar.file,
-        compression=nar.compression, nar_hash=Hash.parse(nar.nar_hash), nar_size=nar.nar_size,
-        file_hash=Hash.parse(nar.file_hash) if nar.file_hash else None, file_size=nar.file_size)
-
-
-def check_nar(path: Path, nar: NarRow, throttle: Callable[[int], None] | None = None) \
-        -> str | None:
-    """None when the file matches its hashes and sizes; otherwise what is wrong."""
-    verifier = NarVerifier(verify_info(nar))
+def check_nar(path: Path, nar: NarRow, throttle: Callable[[int], None] | None = None,
+              on_listing: Callable[[bytes], None] | None = None) -> str | None:
+    """None when the file matches its hashes and sizes; otherwise what is wrong. With
+    `on_listing`, the NAR's listing is built on the way and handed over when the file is good
+    (stores written before listings existed get theirs from the scrub)."""
+    verifier = NarVerifier(nar.expected(), listing=on_listing is not None)
     try:
         with path.open("rb") as f:
             while chunk := f.read(READ):
@@ -42,6 +37,9 @@ def check_nar(path: Path, nar: NarRow, throttle: Callable[[int], None] | None = 
         return "missing"
     except VerificationError as e:
         return f"{e.reason}: {e}"
+    listing = verifier.listing()
+    if on_listing is not None and listing is not None:
+        on_listing(listing_file(listing))
     return None
 
 
@@ -75,7 +73,7 @@ def _verify(store: Store, repair: bool, progress: bool) -> Report:
     from rich.progress import Progress
 
     report = Report()
-    nars = store.index.committed_nars()
+    nars = store.committed_nars()
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("verifying", total=sum(n.file_size or 0 for n in nars))
         for nar in nars:
@@ -102,11 +100,12 @@ def _orphans(store: Store) -> list[Problem]:
     out = []
     for path in sorted(store.layout.nar_dir.iterdir()):
         name = f"nar/{path.name}"
-        row = store.index.nar(name) if is_nar_file(name) else None
+        row = store.nar_row(name) if is_nar_file(name) else None
         if not row or not row.committed:
             out.append(Problem("orphan", name, "NAR file not in the index"))
     for path in sorted(store.layout.root.glob("*.narinfo")):
-        info = store.index.narinfo(path.name.removesuffix(".narinfo"))
+        hash_part = path.name.removesuffix(".narinfo")
+        info = store.narinfo_row(hash_part) if is_hash_part(hash_part) else None
         if not info or not info.committed:
             out.append(Problem("orphan", path.name, "narinfo not in the index"))
     return out
@@ -123,8 +122,6 @@ class Scrubber:
         self._window_bytes = 0
 
     def _throttle(self, n: int) -> None:
-        from agent import metrics
-
         metrics.SCRUBBED_BYTES.inc(n)
         self._window_bytes += n
         expected = self._window_bytes / self.rate
@@ -134,14 +131,14 @@ class Scrubber:
 
     def scrub_once(self, busy: Callable[[], set[str]]) -> list[Problem]:
         """One pass over every committed NAR (runs in a worker thread)."""
-        from agent import metrics
-
         found = []
         self._window_start, self._window_bytes = time.monotonic(), 0
-        for nar in self.store.index.committed_nars():
+        for nar in self.store.committed_nars():
             if nar.file in busy():
                 continue
-            problem = check_nar(self.store.layout.root / nar.file, nar, self._throttle)
+            save = None if self.store.has_listing(nar.nar_hash) else \
+                functools.partial(self.store.save_listing, nar.nar_hash)
+            problem = check_nar(self.store.layout.root / nar.file, nar, self._throttle, save)
             if problem and nar.file not in busy():
                 metrics.VERIFY_FAILURES.labels("scrub").inc()
                 self.store.remove_nar(nar.file)

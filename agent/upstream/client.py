@@ -79,6 +79,11 @@ class CircuitBreaker:
 
 
 class Upstream:
+    """A remote binary cache: a `readthrough.Source`. Used as an async context manager, which
+    owns its HTTP session."""
+
+    kind = "upstream"
+
     def __init__(self, url: str, timeouts: Timeouts, circuit_failures: int = 3,
                  circuit_cooldown: float = 30.0) -> None:
         self.url = url.rstrip("/") + "/"
@@ -99,6 +104,13 @@ class Upstream:
     async def close(self) -> None:
         if self._session:
             await self._session.close()
+
+    async def __aenter__(self) -> "Upstream":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     def _check_circuit(self, kind: str) -> None:
         if self.breaker.is_open:

@@ -17,9 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config
-from agent.app import cache_app
+from agent.app import build, cache_app
 from agent.nix.nix32 import ALPHABET
-from agent.runtime import Agent
 from tests.support.upstream import UpstreamServer
 
 SENTINEL = "SENTINEL-outside-the-store-7c1f"
@@ -39,15 +38,13 @@ async def server(tmp_path: Path) -> AsyncIterator[TestServer]:
     with UpstreamServer(empty) as up:
         cfg = config.load(None, {"store": str(tmp_path / "store"), "upstreams": [up.url],
                                  "kubernetes": "off", "negative_ttl": 0.0}, environ={})
-        agent = Agent.build(cfg)
-        await agent.start()
-        server = TestServer(cache_app(agent, "tcp", with_admin=False))
-        await server.start_server()
-        try:
-            yield server
-        finally:
-            await server.close()
-            await agent.stop()
+        async with build(cfg) as parts:
+            server = TestServer(cache_app(parts, "tcp", with_admin=False))
+            await server.start_server()
+            try:
+                yield server
+            finally:
+                await server.close()
 
 
 def _target(path: str) -> bytes:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from agent.nix import narinfo
 from agent.nix.compression import decoder
 from agent.nix.narinfo import NarInfo
-from agent.nix.verify import NarVerifier, VerificationError
+from agent.nix.verify import Expected, NarVerifier, VerificationError
 from tests.support.nixenv import Closure, hash_part, publish
 
 FAST = settings(max_examples=25, deadline=None,
@@ -41,7 +41,7 @@ def nar_files(nix_workdir: Path, signing_key: tuple[Path, str],
 
 
 def _feed(info: NarInfo, data: bytes, cuts: list[int]) -> None:
-    v = NarVerifier(info)
+    v = NarVerifier(Expected.of(info))
     bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
     for a, b in itertools.pairwise(bounds):
         v.update(data[a:b])

@@ -203,16 +203,14 @@ async def test_unpin_during_a_running_prefetch_is_not_undone_by_its_end(
     """A pod that goes away while its environment is still being fetched leaves no pin."""
     import asyncio
 
+    from agent.app import build
     from agent.config import load
     from agent.prefetch import Target
-    from agent.runtime import Agent
 
     with UpstreamServer(published_cache, bandwidth=4_000_000) as slow:
         cfg = load(None, {"store": str(tmp_path / "store"), "upstreams": [slow.url],
                           "trusted_public_keys": [signing_key[1]], "kubernetes": "off"}, {})
-        agent = Agent.build(cfg)
-        await agent.start()
-        try:
+        async with build(cfg) as agent:
             job = agent.prefetcher.submit(Target.parse(store_paths=big_path_closure.roots),
                                           pin="pod:acme/web")
             await asyncio.sleep(0.3)
@@ -220,9 +218,7 @@ async def test_unpin_during_a_running_prefetch_is_not_undone_by_its_end(
             agent.prefetcher.unpin("pod:acme/web")
             await job.wait()
             assert job.state == "succeeded"
-            assert "pod:acme/web" not in agent.store.index.pin_holders()
-        finally:
-            await agent.stop()
+            assert "pod:acme/web" not in agent.store.pins.holders()
 
 
 def test_an_interrupted_pinned_prefetch_resumes_after_a_restart(

@@ -274,3 +274,29 @@ async def test_a_client_leaving_mid_nar_never_leaks_bytes_into_other_connections
                         assert (await r.text()).startswith(f"StorePath: {root}\n")
 
         await asyncio.gather(*(ask() for _ in range(8)))
+
+
+async def test_listing_of_a_fetched_path_is_the_one_nix_writes(
+        agent: AgentProcess, small_closure: Closure, signing_key: tuple[Path, str],
+        tmp_path: Path) -> None:
+    """`/<hash>.ls` is generated once, while the NAR is verified, and matches byte for byte
+    the listing the real Nix writes for the same path (write-nar-listing)."""
+    import json
+    import subprocess
+
+    from tests.support.nixenv import nix_env
+
+    root = small_closure.roots[0]
+    h = hash_part(root)
+    async with aiohttp.ClientSession() as http, http.get(f"{agent.url}/{h}.ls") as r:
+        assert r.status == 404  # nothing fetched yet: no listing, and none is fetched
+    copied = nix_copy(agent.url, tmp_path / "node", [root], [signing_key[1]])
+    assert copied.returncode == 0, copied.stderr
+    nix_cache = tmp_path / "nix-listing"
+    subprocess.run(["nix", "copy", "--to",
+                    f"file://{nix_cache}?write-nar-listing=true&compression=none", root],
+                   env=nix_env(), check=True, capture_output=True)
+    written_by_nix = json.loads((nix_cache / f"{h}.ls").read_text())
+    async with aiohttp.ClientSession() as http, http.get(f"{agent.url}/{h}.ls") as r:
+        assert r.status == 200 and r.content_type == "application/json"
+        assert await r.json() == written_by_nix

@@ -3,15 +3,16 @@
 import time
 from pathlib import Path
 
-from agent.store.index import Index, NarInfoRow, NarRow
+from agent.nix.hashes import Hash
+from agent.store.index import Index, NarRow, PathFields
 
 
-def _rows(n: int, committed: bool = False) -> tuple[NarRow, NarInfoRow]:
+def _rows(n: int, committed: bool = False) -> tuple[NarRow, PathFields]:
     h = str(n) * 32
     file = f"nar/{str(n) * 52}.nar.xz"
-    nar = NarRow(file, f"sha256:{'0' * 52}", 100, "xz", None, 50, "http://up/", "nar/x", False)
-    info = NarInfoRow(h, f"/nix/store/{h}-p{n}", file, f"StorePath: /nix/store/{h}-p{n}\n", (),
-                      committed)
+    nar = NarRow(file, Hash.parse(f"sha256:{'0' * 52}"), 100, "xz", None, 50, "http://up/",
+                 "nar/x", False)
+    info = PathFields(h, f"/nix/store/{h}-p{n}", "NarSize: 100\n", (), committed)
     return nar, info
 
 
@@ -37,3 +38,49 @@ def test_the_narinfo_cache_never_serves_a_removed_entry(tmp_path: Path) -> None:
     assert index.narinfo(info.hash).committed  # now cached
     index.remove_nar(nar.file)
     assert index.narinfo(info.hash) is None
+
+
+def test_a_served_narinfo_takes_its_file_fields_from_its_nar(tmp_path: Path) -> None:
+    """Re-encoding changes only the NAR row: every narinfo of it is served with the new
+    file fields, and the path's own lines unchanged."""
+    index = Index(tmp_path / "index.sqlite")
+    nar, info = _rows(4)
+    index.put_pending(nar, info)
+    measured, reencoded = Hash("sha256", b"\x01" * 32), Hash("sha256", b"\x05" * 32)
+    index.mark_nar_committed(nar.file, 50, measured)
+    index.mark_narinfo_committed(info.hash)
+    assert index.narinfo(info.hash).text == (
+        f"StorePath: {info.store_path}\nURL: {nar.file}\nCompression: xz\n"
+        f"FileHash: {measured}\nFileSize: 50\nNarSize: 100\n")
+    new = NarRow(f"nar/{reencoded.nix32}.nar.zst", nar.nar_hash, 100, "zstd", reencoded, 40,
+                 None, None, True)
+    [moved] = index.replace_nar(nar.file, new)
+    assert index.narinfo(info.hash).text == moved.text == (
+        f"StorePath: {info.store_path}\nURL: {new.file}\nCompression: zstd\n"
+        f"FileHash: {reencoded}\nFileSize: 40\nNarSize: 100\n")
+
+
+def test_an_index_of_version_0_keeps_only_path_fields_after_migration(tmp_path: Path) -> None:
+    """Stores written by 0.1 kept the whole served narinfo text: it is served the same after
+    the migration."""
+    import sqlite3
+
+    from agent.store.index import SCHEMA
+
+    path = tmp_path / "index.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    file_hash, nar_hash = Hash("sha256", b"\x02" * 32), Hash("sha256", b"\x03" * 32)
+    h, file = "7" * 32, f"nar/{file_hash.nix32}.nar.xz"
+    old_text = (f"StorePath: /nix/store/{h}-p\nURL: {file}\nCompression: xz\n"
+                f"FileHash: {file_hash}\nFileSize: 9\nNarHash: {nar_hash}\n"
+                f"NarSize: 10\nReferences: \nSig: k:abc\n")
+    db.execute("INSERT INTO nars (file, nar_hash, nar_size, compression, file_hash, file_size, "
+               "committed, last_access) VALUES (?, ?, 10, 'xz', ?, 9, 1, 0)",
+               (file, str(nar_hash), str(file_hash)))
+    db.execute("INSERT INTO narinfos (hash, store_path, nar_file, text, refs, committed, "
+               "last_access) VALUES (?, ?, ?, ?, '', 1, 0)", (h, f"/nix/store/{h}-p", file,
+                                                             old_text))
+    db.commit()
+    db.close()
+    assert Index(path).narinfo(h).text == old_text

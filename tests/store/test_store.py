@@ -33,4 +33,20 @@ def test_a_second_narinfo_for_a_committed_nar_gets_its_real_file_fields(tmp_path
     assert second.url == first.nar_file  # one copy
     assert second.file_hash == file_hash and second.file_size == len(packed)
     assert (store.layout.root / "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb.narinfo").exists()
-    assert store.index.used_bytes() == len(packed)
+    assert store.used_bytes() == len(packed)
+
+
+def test_a_listing_lives_as_long_as_some_encoding_of_its_nar(tmp_path: Path) -> None:
+    nar = b"nix-archive-1 pretend" * 100
+    packed = lzma.compress(nar)
+    store = Store(tmp_path / "store")
+    row = store.remember(_info("c", nar), "http://up/")
+    fd, tmp = store.new_temp()
+    with open(fd, "wb") as f:
+        f.write(packed)
+    store.commit_nar(tmp, row.nar_file, Hash("sha256", hashlib.sha256(packed).digest()),
+                     len(packed), listing=b'{"version":1,"root":{"type":"regular"}}')
+    assert store.read_listing("c" * 32) == b'{"version":1,"root":{"type":"regular"}}'
+    store.remove_nar(row.nar_file)
+    assert store.read_listing("c" * 32) is None
+    assert not any(store.layout.listing_dir.iterdir())

@@ -1,0 +1,304 @@
+"""The read-through path: the one owner of "give me this narinfo / this NAR".
+
+Every consumer (the HTTP routes, prefetch, and later peers asking this node) calls
+`narinfo(hash)` or `open_nar(file)`. The answer comes from, in order:
+  1. the local store (committed entries);
+  2. a transfer already in flight (any number of askers share one download);
+  3. the remote sources, in their configured order (peers, then upstreams).
+Every byte from a remote source is verified (narinfo signature; FileSize, FileHash, NarSize,
+NarHash) before it is committed to the store or completes any client's stream.
+
+`open_nar` returns a NarHandle: a committed file or a live transfer, which holds the file's
+in-use mark (eviction and scrub skip it) and records the access while it is open.
+"""
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Protocol
+
+from agent import metrics
+from agent.nix.narinfo import NarInfo, NarInfoError
+from agent.nix.narinfo import parse as parse_narinfo
+from agent.nix.signing import PublicKey, SecretKey, add_signature, verified_by
+from agent.store.index import NarInfoRow, NarRow
+from agent.store.store import Store
+from agent.store.transfer import Transfer
+from agent.upstream.client import CircuitBreaker, UpstreamError
+
+log = logging.getLogger(__name__)
+NEGATIVE_ENTRIES = 100_000
+
+
+class Source(Protocol):
+    """A binary cache the read-through path asks on a miss (an upstream; later a peer).
+
+    `get_narinfo` returns the narinfo text, or None when the source does not have the path;
+    both it and `nar` raise UpstreamError when the source cannot answer (never "not found")."""
+
+    name: str    # in logs
+    url: str     # identity: recorded with a NAR not yet fetched, to fetch it from there
+    kind: str    # metric label of what it served: "upstream" (later "peer")
+    throughput: float  # measured bytes/s, 0 until known
+    breaker: CircuitBreaker
+
+    async def get_narinfo(self, hash_part: str) -> str | None: ...
+    def nar(self, url: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+
+
+class Unavailable(Exception):
+    """No source could answer (errors, not "not found"): clients get 503, never 404."""
+
+
+class UnknownNar(Exception):
+    """A NAR file no narinfo of this store names."""
+
+
+class Lookup:
+    __slots__ = ("row", "source")
+
+    def __init__(self, row: NarInfoRow | None, source: str) -> None:
+        self.row = row
+        self.source = source  # local | coalesced | upstream (a Source's kind) | not_found
+
+
+class ReadThrough:
+    def __init__(self, store: Store, sources: list[Source], keys: list[PublicKey], *,
+                 require_signatures: bool = True, signing_key: SecretKey | None = None,
+                 negative_ttl: float = 30.0,
+                 on_committed: Callable[[str], None] = lambda file: None) -> None:
+        self.store = store
+        self.sources = sources
+        self.keys = keys
+        self.require_signatures = require_signatures
+        self.signing_key = signing_key
+        self.negative_ttl = negative_ttl
+        self._on_committed = on_committed
+        self._negative: dict[str, float] = {}
+        self._narinfo_inflight: dict[str, asyncio.Future[Lookup]] = {}
+        self._transfers: dict[str, Transfer] = {}
+        self._in_use: Counter[str] = Counter()
+        self._counters: dict[tuple[str, str], metrics.Counter] = {}
+
+    def _count(self, kind: str, source: str) -> None:
+        # Label lookups cost more than the rest of a narinfo hit: resolve each child once.
+        counter = self._counters.get((kind, source))
+        if counter is None:
+            counter = self._counters[kind, source] = metrics.LOOKUPS.labels(kind, source)
+        counter.inc()
+
+    # --- narinfo ---------------------------------------------------------------------------
+
+    async def narinfo(self, hash_part: str) -> Lookup:
+        """The narinfo for a hash part; Lookup.row is None when no source has it. Raises
+        Unavailable when a source that might have it could not answer."""
+        row = self.store.narinfo_row(hash_part)
+        if row is not None:
+            self.store.touch_narinfo(hash_part)
+            self._count("narinfo", "local")
+            return Lookup(row, "local")
+        if self._negative.get(hash_part, 0) > time.monotonic():
+            self._count("narinfo", "not_found")
+            return Lookup(None, "not_found")
+        try:
+            found = await self._coalesced_narinfo(hash_part)
+        except Unavailable:
+            self._count("narinfo", "error")
+            raise
+        self._count("narinfo", found.source)
+        return found
+
+    async def _coalesced_narinfo(self, hash_part: str) -> Lookup:
+        inflight = self._narinfo_inflight.get(hash_part)
+        if inflight is not None:
+            metrics.COALESCED_WAITERS.inc()
+            try:
+                return Lookup((await asyncio.shield(inflight)).row, "coalesced")
+            finally:
+                metrics.COALESCED_WAITERS.dec()
+        task = asyncio.ensure_future(self._fetch_narinfo(hash_part))
+        self._narinfo_inflight[hash_part] = task
+        task.add_done_callback(lambda _: self._narinfo_inflight.pop(hash_part, None))
+        return await asyncio.shield(task)
+
+    async def _fetch_narinfo(self, hash_part: str) -> Lookup:
+        errors: list[UpstreamError] = []
+        for source in self.sources:
+            try:
+                text = await source.get_narinfo(hash_part)
+            except UpstreamError as e:
+                errors.append(e)
+                continue
+            if text is None:
+                continue
+            info = self._accept(source, hash_part, text)
+            if info is not None:
+                log.info("narinfo fetched", extra={"fields": {
+                    "source": source.name, "store_path": info.store_path.path(),
+                    "nar_size": info.nar_size}})
+                return Lookup(self.store.remember(info, source.url), source.kind)
+        if errors:
+            raise Unavailable("; ".join(str(e) for e in errors))
+        self._remember_missing(hash_part)
+        return Lookup(None, "not_found")
+
+    def _remember_missing(self, hash_part: str) -> None:
+        now = time.monotonic()
+        self._negative[hash_part] = now + self.negative_ttl
+        if len(self._negative) > NEGATIVE_ENTRIES:
+            self._negative = {h: t for h, t in self._negative.items() if t > now}
+
+    def _accept(self, source: Source, hash_part: str, text: str) -> NarInfo | None:
+        """Parse and check a source's narinfo; None (counted, logged) when it is not usable."""
+        try:
+            info = parse_narinfo(text)
+            if info.hash_part != hash_part:
+                raise NarInfoError(f"StorePath {info.store_path} does not match {hash_part}")
+        except NarInfoError as e:
+            return _rejected("malformed", source, hash_part, str(e))
+        if self.require_signatures and verified_by(info, self.keys) is None:
+            return _rejected("signature", source, hash_part, "no valid signature by a trusted key")
+        if self.signing_key:
+            info = add_signature(info, self.signing_key)
+        return info
+
+    async def listing(self, hash_part: str) -> bytes | None:
+        """The `.ls` listing of a store path this store holds (never fetched: a client that
+        gets none reads the NAR instead)."""
+        return await self.store.run_io(self.store.read_listing, hash_part)
+
+    # --- NAR -------------------------------------------------------------------------------
+
+    def open_nar(self, file: str) -> "NarHandle":
+        """A committed NAR or the transfer that is fetching it (started if needed), to be used
+        at once as `async with`. Raises
+        UnknownNar when no narinfo names the file, Unavailable when its source is gone."""
+        row = self.store.nar_row(file)
+        if row is None:
+            self._count("nar", "not_found")
+            raise UnknownNar(file)
+        if row.committed:
+            self._count("nar", "local")
+            return NarHandle(self, row, "local", None)
+        try:
+            transfer, joined = self._transfer(row)
+        except Unavailable:
+            self._count("nar", "error")
+            raise
+        source = "coalesced" if joined else self._source(row).kind
+        self._count("nar", source)
+        return NarHandle(self, row, source, transfer)
+
+    async def fetch_nar(self, file: str) -> int:
+        """Make a NAR present (prefetch); returns the bytes fetched from a source (0 if it was
+        local or another asker's download brought it)."""
+        row = self.store.nar_row(file)
+        if row is None:
+            raise UnknownNar(file)
+        if row.committed:
+            return 0
+        transfer, joined = self._transfer(row)
+        received = await transfer.wait()
+        return 0 if joined else received
+
+    def _source(self, row: NarRow) -> Source:
+        source = next((s for s in self.sources if s.url == row.source), None)
+        if source is None or row.source_url is None:
+            raise Unavailable(f"no configured source serves {row.file}")
+        return source
+
+    def _transfer(self, row: NarRow) -> tuple[Transfer, bool]:
+        """The download of this NAR in flight, started if needed: (transfer, joined)."""
+        running = self._transfers.get(row.file)
+        if running is not None and not running.done:  # a finished one failed: not committed
+            return running, True
+        source, url = self._source(row), row.source_url or ""
+        transfer = Transfer(self.store, row.file, row.expected(), lambda: source.nar(url),
+                            source.name, self._on_committed)
+        self._transfers[row.file] = transfer
+        transfer.task.add_done_callback(lambda _: self._transfers.pop(row.file, None))
+        return transfer, False
+
+    # --- what is in use --------------------------------------------------------------------
+
+    def busy(self) -> set[str]:
+        """NAR files being sent or written right now: eviction and scrub leave them alone."""
+        return set(self._in_use) | set(self._transfers)
+
+    def _acquire(self, file: str) -> None:
+        self._in_use[file] += 1
+
+    def _release(self, file: str, served: int, source: str) -> None:
+        self._in_use[file] -= 1
+        if self._in_use[file] <= 0:
+            del self._in_use[file]
+        metrics.SERVED_BYTES.labels("local" if source == "local" else "upstream").inc(served)
+        if source in ("local", "coalesced"):
+            self._count_savings(served)
+
+    def _count_savings(self, nbytes: int) -> None:
+        """What the cache saved: upstream bytes, and the seconds they would have taken."""
+        if nbytes <= 0:
+            return
+        metrics.BYTES_AVOIDED.inc(nbytes)
+        rate = max((s.throughput for s in self.sources), default=0.0)
+        if rate > 0:  # only once a real upstream rate has been measured
+            metrics.SECONDS_AVOIDED.inc(nbytes / rate)
+
+    async def aclose(self) -> None:
+        """Stop every download in flight (the agent is stopping)."""
+        transfers = list(self._transfers.values())
+        for t in transfers:
+            t.task.cancel()
+        await asyncio.gather(*(t.task for t in transfers), return_exceptions=True)
+
+
+class NarHandle:
+    """One consumer's hold on a NAR: a committed file (`path`) or a live transfer (`chunks`).
+    While open it keeps the file in use; it records the access and the bytes served."""
+
+    def __init__(self, owner: ReadThrough, row: NarRow, source: str,
+                 transfer: Transfer | None) -> None:
+        self._owner = owner
+        self.row = row
+        self.source = source
+        self.transfer = transfer
+        self.served = 0  # body bytes the consumer sent on
+
+    @property
+    def size(self) -> int | None:
+        return self.row.file_size
+
+    @property
+    def path(self) -> Path | None:
+        """The committed file, None while it is being fetched."""
+        return None if self.transfer else self._owner.store.nar_path(self.row.file)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The bytes of a live transfer as they arrive and are verified."""
+        assert self.transfer is not None
+        return self.transfer.stream()
+
+    async def __aenter__(self) -> "NarHandle":
+        self._owner._acquire(self.row.file)
+        if self.transfer is None:
+            self._owner.store.touch_nar(self.row.file)
+        if self.source == "coalesced":
+            metrics.COALESCED_WAITERS.inc()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.source == "coalesced":
+            metrics.COALESCED_WAITERS.dec()
+        self._owner._release(self.row.file, self.served, self.source)
+
+
+def _rejected(reason: str, source: Source, hash_part: str, message: str) -> None:
+    metrics.VERIFY_FAILURES.labels(reason).inc()
+    log.warning("narinfo rejected", extra={"fields": {
+        "source": source.name, "hash": hash_part, "reason": reason, "error": message}})
+    return None

@@ -1,0 +1,180 @@
+"""The read-through path in-process, with its remote sources faked behind the Source interface.
+
+The real store on a real filesystem, real verification; only the sources are in memory, so
+ordering, coalescing, verification and in-use marks can be checked exactly.
+"""
+
+import asyncio
+import hashlib
+import lzma
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from agent.nix.hashes import Hash
+from agent.nix.nar import build as build_nar
+from agent.nix.narinfo import NarInfo
+from agent.nix.signing import SecretKey, add_signature
+from agent.nix.storepath import StorePath
+from agent.readthrough import ReadThrough, Unavailable, UnknownNar
+from agent.store.store import Store
+from agent.upstream.client import CircuitBreaker, UpstreamError
+
+KEY = SecretKey.generate("seam-test-1")
+
+
+def _entry(char: str, content: bytes, refs: tuple[str, ...] = ()) -> tuple[NarInfo, bytes]:
+    """A signed narinfo and its xz file for a one-file store path."""
+    nar = build_nar(content)
+    packed = lzma.compress(nar)
+    info = NarInfo(
+        store_path=StorePath(char * 32, f"p-{char}"), url=f"nar/{char}.nar.xz",
+        compression="xz", nar_hash=Hash("sha256", hashlib.sha256(nar).digest()),
+        nar_size=len(nar), file_hash=Hash("sha256", hashlib.sha256(packed).digest()),
+        file_size=len(packed), references=tuple(StorePath(r * 32, f"p-{r}") for r in refs))
+    return add_signature(info, KEY), packed
+
+
+class FakeSource:
+    """A binary cache in memory that counts what it is asked and can fail on purpose."""
+
+    kind = "upstream"
+    throughput = 0.0
+
+    def __init__(self, name: str, entries: dict[str, tuple[NarInfo, bytes]] | None = None, *,
+                 error: bool = False, gate: asyncio.Event | None = None) -> None:
+        self.name, self.url = name, f"fake://{name}/"
+        self.entries = entries or {}
+        self.error = error
+        self.gate = gate  # NAR bytes wait for it: lets a test pile up concurrent askers
+        self.breaker = CircuitBreaker(name, 3, 30)
+        self.narinfo_calls: list[str] = []
+        self.nar_calls: list[str] = []
+        self.tamper = False
+
+    async def get_narinfo(self, hash_part: str) -> str | None:
+        self.narinfo_calls.append(hash_part)
+        await asyncio.sleep(0.01)  # a round trip: concurrent askers overlap
+        if self.error:
+            raise UpstreamError(self.name, "http_503", "HTTP 503")
+        entry = self.entries.get(hash_part)
+        return entry[0].render() if entry else None
+
+    @asynccontextmanager
+    async def nar(self, url: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.nar_calls.append(url)
+        data = next(packed for info, packed in self.entries.values() if info.url == url)
+        if self.tamper:
+            data = data[:-10] + bytes(b ^ 1 for b in data[-10:])
+
+        async def chunks() -> AsyncIterator[bytes]:
+            if self.gate:
+                await self.gate.wait()
+            for i in range(0, len(data), 1000):
+                yield data[i:i + 1000]
+        yield chunks()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def _readthrough(store: Store, *sources: FakeSource, **kw: object) -> ReadThrough:
+    return ReadThrough(store, list(sources), [KEY.public()], **kw)  # type: ignore[arg-type]
+
+
+async def _read_all(rt: ReadThrough, file: str) -> bytes:
+    async with rt.open_nar(file) as nar:
+        if nar.path is not None:
+            return nar.path.read_bytes()
+        return b"".join([c async for c in nar.chunks()])
+
+
+async def test_sources_are_asked_in_order_and_errors_fall_through(store: Store) -> None:
+    info, packed = _entry("a", b"hello")
+    broken = FakeSource("broken", error=True)
+    empty = FakeSource("empty")
+    full = FakeSource("full", {"a" * 32: (info, packed)})
+    rt = _readthrough(store, broken, empty, full)
+    found = await rt.narinfo("a" * 32)
+    assert found.source == "upstream" and found.row is not None
+    assert broken.narinfo_calls == empty.narinfo_calls == full.narinfo_calls == ["a" * 32]
+    assert f"StorePath: {info.store_path}" in found.row.text
+    assert (await rt.narinfo("a" * 32)).source == "local"  # recorded: no second ask
+    assert len(full.narinfo_calls) == 1
+
+
+async def test_an_error_is_unavailable_not_a_miss(store: Store) -> None:
+    rt = _readthrough(store, FakeSource("empty"), FakeSource("broken", error=True))
+    with pytest.raises(Unavailable):
+        await rt.narinfo("b" * 32)
+
+
+async def test_a_miss_everywhere_is_remembered_for_the_negative_ttl(store: Store) -> None:
+    empty = FakeSource("empty")
+    rt = _readthrough(store, empty, negative_ttl=60.0)
+    assert (await rt.narinfo("c" * 32)).row is None
+    assert (await rt.narinfo("c" * 32)).source == "not_found"
+    assert empty.narinfo_calls == ["c" * 32]
+
+
+async def test_concurrent_askers_share_one_narinfo_and_one_nar_fetch(store: Store) -> None:
+    info, packed = _entry("d", b"shared" * 50_000)
+    gate = asyncio.Event()
+    source = FakeSource("up", {"d" * 32: (info, packed)}, gate=gate)
+    rt = _readthrough(store, source)
+    lookups = await asyncio.gather(*(rt.narinfo("d" * 32) for _ in range(20)))
+    assert len(source.narinfo_calls) == 1
+    assert sorted({x.source for x in lookups}) == ["coalesced", "upstream"]
+    file = lookups[0].row.nar_file
+    readers = [asyncio.create_task(_read_all(rt, file)) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    assert file in rt.busy()  # being written and read: never evicted meanwhile
+    gate.set()
+    bodies = await asyncio.gather(*readers)
+    assert source.nar_calls == [info.url]
+    assert set(bodies) == {packed}
+    assert rt.busy() == set()
+    assert store.nar_row(file).committed
+
+
+async def test_tampered_bytes_are_never_completed_nor_committed(store: Store) -> None:
+    info, packed = _entry("h", b"precious" * 10_000)
+    source = FakeSource("up", {"h" * 32: (info, packed)})
+    source.tamper = True
+    rt = _readthrough(store, source)
+    file = (await rt.narinfo("h" * 32)).row.nar_file
+    received = bytearray()
+    with pytest.raises(Exception, match=r"FileHash|corrupt"):
+        async with rt.open_nar(file) as nar:
+            async for chunk in nar.chunks():
+                received += chunk
+    assert bytes(received) != packed and len(received) < len(packed)  # never the whole file
+    assert store.nar_row(file) is None  # the pending entry is dropped: the next ask refetches
+    assert not any(store.layout.nar_dir.iterdir())
+
+
+async def test_an_unsigned_narinfo_is_refused(store: Store) -> None:
+    info, packed = _entry("f", b"x")
+    source = FakeSource("up", {"f" * 32: (info.with_sigs(()), packed)})
+    rt = _readthrough(store, source)
+    assert (await rt.narinfo("f" * 32)).row is None
+
+
+async def test_a_committed_nar_is_in_use_while_its_handle_is_open(store: Store) -> None:
+    info, packed = _entry("g", b"y" * 1000)
+    rt = _readthrough(store, FakeSource("up", {"g" * 32: (info, packed)}))
+    file = (await rt.narinfo("g" * 32)).row.nar_file
+    assert await rt.fetch_nar(file) == len(packed)
+    assert await rt.fetch_nar(file) == 0  # present now
+    async with rt.open_nar(file) as nar:
+        assert nar.source == "local" and nar.path is not None
+        assert rt.busy() == {file}
+    assert rt.busy() == set()
+    with pytest.raises(UnknownNar):
+        rt.open_nar("nar/" + "0" * 52 + ".nar.xz")
