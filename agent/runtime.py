@@ -96,12 +96,14 @@ class Agent:
         return agent
 
     async def _kubernetes(self) -> None:
-        from agent.kube import run_kubernetes
+        from agent.kube import KubeOptions, run_kubernetes
 
         cfg = self.config
         await run_kubernetes(self.prefetcher, node_name=cfg.node_name or "",
                              kubeconfig=str(cfg.kubeconfig) if cfg.kubeconfig else None,
-                             system=cfg.system)
+                             system=cfg.system,
+                             options=KubeOptions(warm_taint=cfg.warm_taint,
+                                                 warm_taint_timeout=cfg.warm_taint_timeout))
 
     async def _scrub_loop(self) -> None:
         scrubber = Scrubber(self.store, parse_size(self.config.scrub_rate))
