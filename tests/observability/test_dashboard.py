@@ -30,7 +30,7 @@ from tests.support.upstream import Fault, UpstreamServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "flox-node-cache.json"
-PROMETHEUS_RULE = ROOT / "daemonset" / "overlays" / "monitoring" / "prometheusrule.yaml"
+PROMETHEUS_RULE = ROOT / "daemonset" / "components" / "monitoring" / "prometheusrule.yaml"
 ROWS = ["Overview", "Traffic", "Upstream", "Store", "Prewarm", "Agent health"]
 QUICK = "download-attempts = 1\nstalled-download-timeout = 10\nconnect-timeout = 5\n"
 
