@@ -629,6 +629,75 @@ def test_prometheusrule_passes_promtool(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def alert_rules() -> list[Obj]:
+    rule = find(render("base+monitoring"), "PrometheusRule")
+    return [r for g in rule["spec"]["groups"] for r in g["rules"]]
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The fragment GitHub gives each heading: lower case, punctuation dropped, spaces -> -."""
+    headings = re.findall(r"^#+ (.+)$", markdown, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    anchors = github_anchors((DAEMONSET / "README.md").read_text())
+    prefix = "https://github.com/flox/flox-node-cache/blob/main/daemonset/README.md#"
+    for rule in alert_rules():
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith(prefix), rule["alert"]
+        assert url.removeprefix(prefix) in anchors, f"no runbook section for {rule['alert']}"
+    assert {"FloxNodeCacheAbsent", "FloxNodeCachePrewarmFailed",
+            "FloxNodeCacheKubeWatchFailing"} <= {r["alert"] for r in alert_rules()}
+
+
+AGENT = 'job="flox-node-cache", namespace="flox-node-cache", node="n1", instance="10.0.0.1:37516"'
+AGENT_LABELS = {"job": "flox-node-cache", "namespace": "flox-node-cache", "node": "n1",
+                "instance": "10.0.0.1:37516"}
+# promtool unit tests: (input series, alert -> the label sets it fires with at 30m).
+ALERT_CASES = {
+    "healthy": ([
+        (f"up{{{AGENT}}}", "1x40"),
+        (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="failed"}}', "0x40"),
+        (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="succeeded"}}', "0+1x40"),
+        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="pods"}}', "1x40"),
+    ], {"FloxNodeCacheAbsent": [], "FloxNodeCachePrewarmFailed": [],
+        "FloxNodeCacheKubeWatchFailing": [], "FloxNodeCacheDown": []}),
+    "failing": ([
+        (f"up{{{AGENT}}}", "1x40"),
+        (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="failed"}}', "0x25 1x15"),
+        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="pods"}}', "1x40"),
+        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="nodes"}}', "1x10 0x30"),
+    ], {"FloxNodeCachePrewarmFailed": [AGENT_LABELS],
+        "FloxNodeCacheKubeWatchFailing": [{**AGENT_LABELS, "watcher": "nodes"}],
+        "FloxNodeCacheAbsent": []}),
+    "no agent scraped": ([('up{job="node-exporter"}', "1x40")],
+                         {"FloxNodeCacheAbsent": [{"job": "flox-node-cache"}]}),
+}
+
+
+@pytest.mark.parametrize("case", ALERT_CASES)
+def test_alerts_fire_on_their_condition_and_only_then(case: str, tmp_path: Path) -> None:
+    # Annotations are left out: promtool would compare them verbatim; they are text.
+    rules = [{k: v for k, v in r.items() if k != "annotations"} for r in alert_rules()]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(
+        {"groups": [{"name": "flox-node-cache", "rules": rules}]}))
+    series, expected = ALERT_CASES[case]
+    severity = {r["alert"]: r["labels"]["severity"] for r in alert_rules()}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yaml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m",
+                   "input_series": [{"series": s, "values": v} for s, v in series],
+                   "alert_rule_test": [
+                       {"eval_time": "30m", "alertname": name,
+                        "exp_alerts": [{"exp_labels": {**labels, "severity": severity[name]}}
+                                       for labels in fired]}
+                       for name, fired in expected.items()]}]}))
+    result = subprocess.run(["promtool", "test", "rules", "test.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("kustomization", ["dashboards", "base+monitoring"])
 def test_dashboard_configmap_holds_every_dashboard(kustomization: str) -> None:
     cm = find(render(kustomization), "ConfigMap", "flox-node-cache-dashboards")
