@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +32,13 @@ from tests.kube import (
     prewarm_resource,
     stays,
 )
+from tests.support.agent import AgentProcess
+from tests.support.floxmeta import Floxmeta
+from tests.support.gitserver import GitHTTPServer
 from tests.support.kubeapi import FakeKubeAPI
+from tests.support.lockfiles import lockfile_for
+from tests.support.nixenv import Closure
+from tests.support.upstream import UpstreamServer
 
 __all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
 Obj = dict[str, Any]
@@ -235,3 +243,31 @@ async def test_agent_without_warm_taint_leaves_the_node_alone(
     await eventually(lambda: "flox/web" in pw.jobs)
     await stays(lambda: taints(kubeapi) == [WARMING])
     assert node_patches(kubeapi) == []
+
+
+# --- the real agent process --------------------------------------------------------------
+
+def test_real_agent_lifts_the_taint_once_the_closure_is_in_its_store(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
+        small_closure: Closure) -> None:
+    # `run --warm-taint` through config, runtime and watchers: a real prefetch from FloxHub
+    # (git) and an upstream cache must finish before the taint goes.
+    meta = Floxmeta(tmp_path / "floxhub")
+    meta.create_owner("acme")
+    meta.add_generation("acme", "web", lockfile_for(*small_closure.roots))
+    with FakeKubeAPI() as api, GitHTTPServer(meta.root) as git:
+        api.create(tainted("n1", [OTHER, WARMING]))
+        api.create(prewarm_resource("web", ["acme/web"]))
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        with AgentProcess(tmp_path / "agent", [upstream_server.url], [signing_key[1]],
+                          "--kubernetes", "on", "--kubeconfig", str(kubeconfig),
+                          "--node-name", "n1", "--floxhub-git-url", git.url,
+                          "--warm-taint", KEY, "--warm-taint-timeout", "120") as agent:
+            deadline = time.monotonic() + 60
+            while taints(api) != [OTHER] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert taints(api) == [OTHER], agent.logs()[-2000:]
+            status = api.get("EnvironmentPrewarm", "web")["status"]["nodes"]["n1"]
+            assert status["phase"] == "Ready" and status["pathsDone"] == status["pathsTotal"] > 0
+            (event,) = events(api)
+            assert event["message"].endswith("is Ready here")
