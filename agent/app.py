@@ -107,12 +107,14 @@ async def build(config: Config) -> AsyncIterator[Parts]:
         background += [functools.partial(run_chores, upkeep.chores()),
                        functools.partial(watch.run, prefetcher.follow_generation)]
         if kubernetes_enabled(config.kubernetes, config.kubeconfig):
-            from agent.kube import run_kubernetes
+            from agent.kube import KubeOptions, run_kubernetes
 
             background.append(functools.partial(
                 run_kubernetes, prefetcher, node_name=config.node_name or "",
                 kubeconfig=str(config.kubeconfig) if config.kubeconfig else None,
-                system=config.system))
+                system=config.system,
+                options=KubeOptions(warm_taint=config.warm_taint,
+                                    warm_taint_timeout=config.warm_taint_timeout)))
         metrics.STORE_BUDGET.set(upkeep.budget())
         prefetcher.resume()
         yield Parts(config, store, upstreams, readthrough, sender, prefetcher, upkeep,

@@ -82,6 +82,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
       help="watch the Kubernetes API: auto = when in a cluster or --kubeconfig is given")
     a("--kubeconfig", type=Path, metavar="FILE", help="kubeconfig (default in-cluster)")
     a("--node-name", metavar="NAME", help="this node's name (default $NODE_NAME)")
+    a("--warm-taint", metavar="KEY", help="startup taint (e.g. flox.dev/node-cache-warming) to "
+      "remove from this node once every EnvironmentPrewarm selecting it is Ready here "
+      "(default empty: off)")
+    a("--warm-taint-timeout", type=float, metavar="SECONDS",
+      help="remove the warm taint after this long even if not warm (default 600)")
     a("--log-format", choices=("text", "json"), help="default text")
     a("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
 

@@ -17,6 +17,9 @@ DEFAULT_KEYS = (
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
     "flox-cache-public-1:7F4OyH7ZCnFhcze3fJdfyXYLQw/aV7GEed86nQ7IsOs=",
 )
+# A Kubernetes qualified name: an optional DNS subdomain prefix, a name of up to 63 characters.
+TAINT_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                       r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 
 class ConfigError(ValueError):
@@ -58,6 +61,8 @@ class Config:
     kubernetes: str = "auto"
     kubeconfig: Path | None = None
     node_name: str | None = None
+    warm_taint: str = ""  # a startup taint key to remove once warm; empty = off
+    warm_taint_timeout: float = 600.0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -105,6 +110,11 @@ class Config:
         if self.kubernetes == "on" and not self.node_name:
             raise ConfigError("Kubernetes is on but the node name is unknown: set NODE_NAME "
                               "(downward API) or --node-name")
+        if self.warm_taint and not TAINT_KEY.fullmatch(self.warm_taint):
+            raise ConfigError(f"warm-taint {self.warm_taint!r} is not a taint key "
+                              "(e.g. flox.dev/node-cache-warming)")
+        if not self.warm_taint_timeout > 0:
+            raise ConfigError("warm-taint-timeout must be a positive number of seconds")
         if self.require_signatures and not keys:
             raise ConfigError("signatures are required but no --trusted-public-key is set")
         return replace(self, public_keys=keys, signing_key=secret)

@@ -13,6 +13,7 @@ from agent.kube.background import Background
 from agent.kube.client import FLOX_RUNTIME_CLASS, GROUP, PLURAL, VERSION, make_api_client
 from agent.kube.pods import PodHandler
 from agent.kube.prewarm import PrewarmHandler
+from agent.kube.taint import WarmTaint, Warmth
 from agent.kube.types import Prewarmer
 from agent.kube.watch import ListWatch, WatchOptions
 from agent.kube.workloads import KINDS, Workloads
@@ -26,6 +27,8 @@ class KubeOptions:
     watch: WatchOptions = field(default_factory=WatchOptions)
     report_interval: float = 2.0  # at most one progress status write per resource per interval
     runtime_classes: frozenset[str] = frozenset({FLOX_RUNTIME_CLASS})
+    warm_taint: str = ""  # startup taint key to remove once warm (agent.kube.taint); "" = off
+    warm_taint_timeout: float = 600.0
 
 
 class NodeHandler:
@@ -55,8 +58,9 @@ async def run_kubernetes(prewarmer: Prewarmer, *, node_name: str, kubeconfig: st
     background = Background()
     workloads = Workloads(prewarmer, background, system=system,
                           runtime_classes=opts.runtime_classes)
+    warmth = Warmth()
     prewarms = PrewarmHandler(api, prewarmer, node_name=node_name, system=system,
-                              report_interval=opts.report_interval)
+                              report_interval=opts.report_interval, warmth=warmth)
     pods = PodHandler(prewarmer, background, node_name=node_name, system=system,
                       runtime_classes=opts.runtime_classes)
     core = k8s.CoreV1Api(api)
@@ -73,6 +77,9 @@ async def run_kubernetes(prewarmer: Prewarmer, *, node_name: str, kubeconfig: st
     log.info("kubernetes watchers starting", extra={"fields": {"node": node_name}})
     try:
         async with asyncio.TaskGroup() as tg:
+            if opts.warm_taint:
+                tg.create_task(WarmTaint(core, node_name, opts.warm_taint,
+                                         opts.warm_taint_timeout, warmth).run())
             tg.create_task(node_watch.run())
             await node_watch.ready.wait()  # labels first: they decide what applies here
             for w in watches:

@@ -21,6 +21,7 @@ from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from agent.kube.client import COMPONENT, GROUP, KIND, PLURAL, VERSION
+from agent.kube.taint import Warmth
 from agent.kube.types import Job, Prewarmer
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ class PrewarmHandler:
     """Watch handler for EnvironmentPrewarm resources: one worker per resource."""
 
     def __init__(self, api: ApiClient, prewarmer: Prewarmer, *, node_name: str,
-                 system: str | None, report_interval: float = 2.0) -> None:
+                 system: str | None, report_interval: float = 2.0,
+                 warmth: Warmth | None = None) -> None:
+        self.warmth = warmth or Warmth()  # which prewarms keep the warm taint on this node
         self.custom, self.core = CustomObjectsApi(api), CoreV1Api(api)
         self.prewarmer, self.node_name, self.system = prewarmer, node_name, system
         self.report_interval = report_interval
@@ -71,6 +74,7 @@ class PrewarmHandler:
             await self._forget(name)
         for obj in objects:
             await self._consider(obj)
+        self.warmth.known()
 
     async def event(self, type_: str, obj: Obj) -> None:
         if type_ == "DELETED":
@@ -94,6 +98,7 @@ class PrewarmHandler:
         self.objects[name] = obj
         selector = (obj.get("spec") or {}).get("nodeSelector")
         if not selector_matches(selector, self.node_labels):
+            self.warmth.gone(name)
             if name in self.workers:  # an edit moved it off this node
                 await self._stop(name)
                 self.prewarmer.unpin(prewarm_holder(name))
@@ -102,11 +107,13 @@ class PrewarmHandler:
         if name in self.workers and self.workers[name][0] == generation:
             return  # a status write (ours or another node's), not a spec change
         await self._stop(name)
+        self.warmth.waiting(name)
         task = asyncio.get_running_loop().create_task(self._worker(obj))
         self.workers[name] = (generation, task)
 
     async def _forget(self, name: str) -> None:
         self.objects.pop(name, None)
+        self.warmth.gone(name)
         await self._stop(name)
         self.prewarmer.unpin(prewarm_holder(name))
 
@@ -200,6 +207,7 @@ class PrewarmWork:
             await self._fail(jobs, "; ".join(f"{j.ref}: {j.error or 'failed'}" for j in failed))
         else:
             await self.report.status("Ready", jobs, "ready after the deadline" if late else "")
+            self.h.warmth.ready(self.name)
 
     async def _start_jobs(self, holder: str) -> list[Job]:
         pin = holder if self.spec.get("pin", True) else None

@@ -9,11 +9,13 @@ capability reasoning is tested by running as root with every capability dropped 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from datetime import datetime
 from functools import cache
@@ -31,13 +33,20 @@ from agent import config as agent_config
 REPO = Path(__file__).resolve().parents[2]
 DAEMONSET = REPO / "daemonset"
 DASHBOARDS = REPO / "dashboards"
-KUSTOMIZATIONS = (
-    "daemonset/base",
-    "daemonset/overlays/monitoring",
-    "daemonset/overlays/node-config",
-    "dashboards",
-)
-INSTALLS = KUSTOMIZATIONS[:3]  # the ones that deploy the agent
+COMPONENTS = tuple(sorted(p.parent.name for p in DAEMONSET.glob("components/*/kustomization.yaml")))
+# Every combination of the components on top of the base, rendered from a kustomization
+# written for the test ("base", "base+monitoring", ..., "base+monitoring+node-config+...").
+COMBOS = tuple("+".join(("base", *c)) for n in range(len(COMPONENTS) + 1)
+               for c in itertools.combinations(COMPONENTS, n))
+# The entry points users apply as they are, and the combination each must equal.
+ENTRY_POINTS = {
+    "daemonset": "base",
+    "daemonset/base": "base",
+    "daemonset/overlays/monitoring": "base+monitoring",
+    "daemonset/overlays/node-config": "base+node-config",
+    "daemonset/examples/all": "+".join(("base", *COMPONENTS)),
+}
+INSTALLS = COMBOS  # the ones that deploy the agent
 # Oldest and newest Kubernetes the manifests must be valid for.
 K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "EnvironmentPrewarm"}
@@ -46,8 +55,9 @@ UPSTREAM_KEYS = {
     "https://cache.nixos.org": "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
     "https://cache.flox.dev": "flox-cache-public-1:7F4OyH7ZCnFhcze3fJdfyXYLQw/aV7GEed86nQ7IsOs=",
 }
-NODE_CONFIG_SCRIPT = DAEMONSET / "overlays" / "node-config" / "configure-nix.sh"
+NODE_CONFIG_SCRIPT = DAEMONSET / "components" / "node-config" / "configure-nix.sh"
 WALKTHROUGH = DAEMONSET / "kind" / "walkthrough.sh"
+WARM_TAINT = "flox.dev/node-cache-warming"
 
 Obj = dict[str, Any]
 
@@ -56,8 +66,23 @@ Obj = dict[str, Any]
 
 @cache
 def render(kustomization: str) -> tuple[Obj, ...]:
-    out = subprocess.run(["kubectl", "kustomize", str(REPO / kustomization)],
-                         capture_output=True, text=True, check=True, timeout=60)
+    """`kubectl kustomize` of a directory of the repository, or of a combination in COMBOS."""
+    if kustomization not in COMBOS:
+        return _kustomize(REPO / kustomization)
+    with tempfile.TemporaryDirectory(prefix="kpack-combo-") as tmp:
+        rel = os.path.relpath(DAEMONSET, tmp)
+        base, *components = kustomization.split("+")
+        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [f"{rel}/{base}"],
+            "components": [f"{rel}/components/{c}" for c in components]}))
+        return _kustomize(Path(tmp))
+
+
+def _kustomize(directory: Path) -> tuple[Obj, ...]:
+    out = subprocess.run(["kubectl", "kustomize", str(directory)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
@@ -95,9 +120,14 @@ def crd_schema() -> Obj:
     return version["schema"]["openAPIV3Schema"]
 
 
+def with_component(component: str) -> str:
+    return f"base+{component}"
+
+
 # --- every object is valid ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+# The entry points are checked to render exactly their combination (below).
+@pytest.mark.parametrize("kustomization", (*COMBOS, "dashboards"))
 def test_every_object_validates_against_kubernetes_schemas(kustomization: str) -> None:
     objs = render(kustomization)
     assert objs
@@ -125,6 +155,101 @@ def test_namespaced_objects_live_in_the_agent_namespace(kustomization: str) -> N
             assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
         labels = obj["metadata"].get("labels", {})
         assert labels.get("app.kubernetes.io/name") == "flox-node-cache", obj["kind"]
+
+
+# --- components combine -----------------------------------------------------------------------
+
+def test_components_are_kustomize_components() -> None:
+    assert {"monitoring", "node-config", "warm-taint"} <= set(COMPONENTS)
+    for name in COMPONENTS:
+        doc = yaml.safe_load((DAEMONSET / "components" / name / "kustomization.yaml").read_text())
+        assert (doc["apiVersion"], doc["kind"]) == ("kustomize.config.k8s.io/v1alpha1",
+                                                    "Component"), name
+
+
+@pytest.mark.parametrize(("entry", "combo"), ENTRY_POINTS.items())
+def test_entry_points_render_their_combination(entry: str, combo: str) -> None:
+    assert render(entry) == render(combo)
+
+
+def contains(big: Any, small: Any) -> bool:
+    """Everything in `small` is in `big`: dict keys recursively, each list item in some item."""
+    if isinstance(small, dict):
+        return isinstance(big, dict) and all(k in big and contains(big[k], v)
+                                             for k, v in small.items())
+    if isinstance(small, list):
+        return isinstance(big, list) and all(any(contains(b, s) for b in big) for s in small)
+    return bool(big == small)
+
+
+def by_identity(objs: tuple[Obj, ...]) -> dict[tuple[str, str, str], Obj]:
+    return {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): o
+            for o in objs}
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBOS if c.count("+") >= 2])
+def test_combining_components_keeps_what_each_adds(combo: str) -> None:
+    combined = by_identity(render(combo))
+    for component in combo.split("+")[1:]:
+        for ident, obj in by_identity(render(with_component(component))).items():
+            assert ident in combined, f"{combo} drops {ident}, which {component} adds"
+            assert contains(combined[ident], obj), f"{combo} loses part of {ident} ({component})"
+
+
+def test_the_containment_check_sees_what_applying_one_overlay_after_another_dropped() -> None:
+    # The old bug: `kubectl apply -k` of one overlay after the other replaced the DaemonSet
+    # with one lacking the first overlay's init container. The check above must see that.
+    node_config = daemonset(with_component("node-config"))
+    assert not contains(daemonset(with_component("monitoring")), node_config)
+    assert contains(daemonset("base+monitoring+node-config"), node_config)
+
+
+def quantity(text: str) -> float:
+    m = re.fullmatch(r"(\d+)([kMG]?)", str(text))
+    assert m, text
+    return int(m[1]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m[2]]
+
+
+@pytest.mark.parametrize("kustomization", INSTALLS)
+def test_resource_quota_admits_the_agents_priority_class(kustomization: str) -> None:
+    # GKE admits system-node-critical pods outside kube-system only in a namespace holding a
+    # ResourceQuota scoped to that class.
+    quota = find(render(kustomization), "ResourceQuota")
+    assert quota["metadata"]["namespace"] == daemonset(kustomization)["metadata"]["namespace"]
+    (scope,) = quota["spec"]["scopeSelector"]["matchExpressions"]
+    assert scope == {"scopeName": "PriorityClass", "operator": "In",
+                     "values": [pod_spec(kustomization)["priorityClassName"]]}
+    assert quota["spec"]["hard"].keys() == {"pods"}
+    assert quantity(quota["spec"]["hard"]["pods"]) >= 5000  # Kubernetes' largest tested cluster
+
+
+def tolerates(tolerations: list[Obj], taint: Obj) -> bool:
+    """The scheduler's rule: does any toleration match the taint?"""
+    for t in tolerations:
+        if t.get("effect") not in (None, "", taint["effect"]):
+            continue
+        if t.get("operator", "Equal") == "Exists":
+            if t.get("key") in (None, "", taint["key"]):
+                return True
+        elif t.get("key") == taint["key"] and t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("kustomization", INSTALLS)
+def test_the_agent_tolerates_the_warm_taint(kustomization: str) -> None:
+    taint = {"key": WARM_TAINT, "value": "true", "effect": "NoSchedule"}
+    assert tolerates(pod_spec(kustomization)["tolerations"], taint)
+    assert not tolerates([{"key": "other", "operator": "Exists"}], taint)  # the rule bites
+
+
+@pytest.mark.parametrize("kustomization", INSTALLS)
+def test_warm_taint_is_on_exactly_with_its_component(kustomization: str) -> None:
+    cfg = agent_configuration(kustomization)
+    if "warm-taint" in kustomization.split("+"):
+        assert (cfg.warm_taint, cfg.warm_taint_timeout) == (WARM_TAINT, 600)
+    else:
+        assert cfg.warm_taint == ""
 
 
 # --- the DaemonSet -------------------------------------------------------------------------
@@ -231,14 +356,19 @@ def test_agent_arguments(kustomization: str) -> None:
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
 
 
-@pytest.mark.parametrize("kustomization", INSTALLS)
-def test_agent_configuration_is_accepted_by_the_agent(kustomization: str) -> None:
-    # The manifest's args through the agent's own parser, its env through the config loader.
+def agent_configuration(kustomization: str) -> agent_config.Config:
+    """The manifest's args through the agent's own parser, its env through the config loader
+    (NODE_NAME, from the downward API, as node-a)."""
     args = cli.parser().parse_args(agent_container(kustomization)["args"])
     assert args.command == "run"
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     env = {e["name"]: e.get("value", "node-a") for e in agent_container(kustomization)["env"]}
-    cfg = agent_config.load(args.config, flags, env)
+    return agent_config.load(args.config, flags, env)
+
+
+@pytest.mark.parametrize("kustomization", INSTALLS)
+def test_agent_configuration_is_accepted_by_the_agent(kustomization: str) -> None:
+    cfg = agent_configuration(kustomization)
     assert cfg.node_name == "node-a"
     assert (cfg.log_format, cfg.store_budget) == ("json", "25%")
     assert cfg.kubernetes == "on"
@@ -308,8 +438,9 @@ def rule_table(role: Obj) -> dict[tuple[str, str], set[str]]:
 READ = {"get", "list", "watch"}
 AGENT_RULES = {
     ("", "pods"): READ,
-    # The brief said get; agent/kube/agent.py list+watches its own node (fieldSelector).
-    ("", "nodes"): READ,
+    # The brief said get; agent/kube/agent.py list+watches its own node (fieldSelector);
+    # agent/kube/taint.py patches it (--warm-taint).
+    ("", "nodes"): READ | {"patch"},
     ("apps", "deployments"): READ,
     ("apps", "statefulsets"): READ,
     ("apps", "daemonsets"): READ,
@@ -473,7 +604,7 @@ def test_example_flox_pod_is_valid_and_talks_to_the_agent_socket() -> None:
 # --- monitoring overlay ----------------------------------------------------------------------
 
 def test_servicemonitor_selects_the_metrics_service() -> None:
-    objs = render("daemonset/overlays/monitoring")
+    objs = render("base+monitoring")
     sm = find(objs, "ServiceMonitor")
     svc = find(objs, "Service", "flox-node-cache-metrics")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
@@ -488,7 +619,7 @@ def test_servicemonitor_selects_the_metrics_service() -> None:
 def test_prometheusrule_passes_promtool(tmp_path: Path) -> None:
     if shutil.which("promtool") is None:
         pytest.fail("promtool is not installed (apt-get install prometheus)")
-    rule = find(render("daemonset/overlays/monitoring"), "PrometheusRule")
+    rule = find(render("base+monitoring"), "PrometheusRule")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["spec"]["groups"]
     rules_file = tmp_path / "rules.yaml"
@@ -498,7 +629,76 @@ def test_prometheusrule_passes_promtool(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("kustomization", ["dashboards", "daemonset/overlays/monitoring"])
+def alert_rules() -> list[Obj]:
+    rule = find(render("base+monitoring"), "PrometheusRule")
+    return [r for g in rule["spec"]["groups"] for r in g["rules"]]
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The fragment GitHub gives each heading: lower case, punctuation dropped, spaces -> -."""
+    headings = re.findall(r"^#+ (.+)$", markdown, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    anchors = github_anchors((DAEMONSET / "README.md").read_text())
+    prefix = "https://github.com/flox/flox-node-cache/blob/main/daemonset/README.md#"
+    for rule in alert_rules():
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith(prefix), rule["alert"]
+        assert url.removeprefix(prefix) in anchors, f"no runbook section for {rule['alert']}"
+    assert {"FloxNodeCacheAbsent", "FloxNodeCachePrewarmFailed",
+            "FloxNodeCacheKubeWatchFailing"} <= {r["alert"] for r in alert_rules()}
+
+
+AGENT = 'job="flox-node-cache", namespace="flox-node-cache", node="n1", instance="10.0.0.1:37516"'
+AGENT_LABELS = {"job": "flox-node-cache", "namespace": "flox-node-cache", "node": "n1",
+                "instance": "10.0.0.1:37516"}
+# promtool unit tests: (input series, alert -> the label sets it fires with at 30m).
+ALERT_CASES = {
+    "healthy": ([
+        (f"up{{{AGENT}}}", "1x40"),
+        (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="failed"}}', "0x40"),
+        (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="succeeded"}}', "0+1x40"),
+        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="pods"}}', "1x40"),
+    ], {"FloxNodeCacheAbsent": [], "FloxNodeCachePrewarmFailed": [],
+        "FloxNodeCacheKubeWatchFailing": [], "FloxNodeCacheDown": []}),
+    "failing": ([
+        (f"up{{{AGENT}}}", "1x40"),
+        (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="failed"}}', "0x25 1x15"),
+        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="pods"}}', "1x40"),
+        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="nodes"}}', "1x10 0x30"),
+    ], {"FloxNodeCachePrewarmFailed": [AGENT_LABELS],
+        "FloxNodeCacheKubeWatchFailing": [{**AGENT_LABELS, "watcher": "nodes"}],
+        "FloxNodeCacheAbsent": []}),
+    "no agent scraped": ([('up{job="node-exporter"}', "1x40")],
+                         {"FloxNodeCacheAbsent": [{"job": "flox-node-cache"}]}),
+}
+
+
+@pytest.mark.parametrize("case", ALERT_CASES)
+def test_alerts_fire_on_their_condition_and_only_then(case: str, tmp_path: Path) -> None:
+    # Annotations are left out: promtool would compare them verbatim; they are text.
+    rules = [{k: v for k, v in r.items() if k != "annotations"} for r in alert_rules()]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(
+        {"groups": [{"name": "flox-node-cache", "rules": rules}]}))
+    series, expected = ALERT_CASES[case]
+    severity = {r["alert"]: r["labels"]["severity"] for r in alert_rules()}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yaml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m",
+                   "input_series": [{"series": s, "values": v} for s, v in series],
+                   "alert_rule_test": [
+                       {"eval_time": "30m", "alertname": name,
+                        "exp_alerts": [{"exp_labels": {**labels, "severity": severity[name]}}
+                                       for labels in fired]}
+                       for name, fired in expected.items()]}]}))
+    result = subprocess.run(["promtool", "test", "rules", "test.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kustomization", ["dashboards", "base+monitoring"])
 def test_dashboard_configmap_holds_every_dashboard(kustomization: str) -> None:
     cm = find(render(kustomization), "ConfigMap", "flox-node-cache-dashboards")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -515,10 +715,10 @@ def test_dashboard_configmap_holds_every_dashboard(kustomization: str) -> None:
 
 def shipped_node_config_script() -> tuple[str, Obj]:
     """The script as deployed (from the rendered ConfigMap) and the init container running it."""
-    objs = render("daemonset/overlays/node-config")
+    objs = render("base+node-config")
     cm = next(o for o in objs if o["kind"] == "ConfigMap"
               and o["metadata"]["name"].startswith("flox-node-cache-node-config"))
-    (init,) = pod_spec("daemonset/overlays/node-config")["initContainers"]
+    (init,) = pod_spec("base+node-config")["initContainers"]
     assert init["name"] == "configure-nix"
     return cm["data"]["configure-nix.sh"], init
 
@@ -526,7 +726,7 @@ def shipped_node_config_script() -> tuple[str, Obj]:
 def test_node_config_init_container_wiring() -> None:
     script, init = shipped_node_config_script()
     assert script == NODE_CONFIG_SCRIPT.read_text()
-    spec = pod_spec("daemonset/overlays/node-config")
+    spec = pod_spec("base+node-config")
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
     env = {e["name"]: e["value"] for e in init["env"]}
@@ -536,7 +736,7 @@ def test_node_config_init_container_wiring() -> None:
     script_path = Path(init["command"][-1])
     assert volumes[mounts[str(script_path.parent)]]["configMap"]["name"].startswith(
         "flox-node-cache-node-config")
-    assert init["image"] == agent_container("daemonset/overlays/node-config")["image"]
+    assert init["image"] == agent_container("base+node-config")["image"]
     assert env["SUBSTITUTER"] == "http://127.0.0.1:37515?priority=10"
 
 

