@@ -186,3 +186,14 @@ def test_pins_and_unpin_with_whole_names_in_a_pipe(
     assert json.loads(cli(agent, "pins", "--json").stdout) == []
     again = cli(agent, "unpin", name)
     assert again.returncode == exits.FAILED and "not pinned" in again.stderr
+
+
+def test_an_old_setting_spelling_starts_the_agent_with_a_deprecation_warning(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str]) -> None:
+    env = {"FLOX_NODE_CACHE_UPSTREAMS": upstream_server.url}
+    with AgentProcess(tmp_path / "agent", [], [signing_key[1]], env=env) as a:
+        upstreams = admin(a, "/v1/status")["upstreams"]  # type: ignore[index]
+        assert list(upstreams) == [upstream_server.url.removeprefix("http://")]
+        warnings = [r["msg"] for r in a.log_records() if r["level"] == "warning"]
+    assert ("FLOX_NODE_CACHE_UPSTREAMS is deprecated, use FLOX_NODE_CACHE_UPSTREAM"
+            in warnings)
