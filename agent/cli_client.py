@@ -15,7 +15,7 @@ import aiohttp
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from agent import exits
 from agent.config import Config
@@ -192,7 +192,8 @@ async def status(args: argparse.Namespace) -> int:
               f"{human_size(st['budget_bytes'])} budget, {st['entries']['narinfo']} paths, "
               f"{human_size(st['pinned_bytes'])} pinned"
               + (" [red]DISK FULL[/]" if st["disk_full"] else ""))
-    table = Table("environment", "generation", "paths", "size", "present", "pinned by")
+    table = Table(_whole("environment"), "generation", "paths", "size", "present",
+                  _whole("pinned by"))
     for e in envs:
         table.add_row(escape(e["ref"]), str(e["generation"] or "-"),
                       f"{e['paths_present']}/{e['paths']}", human_size(e["closure_bytes"]),
@@ -200,6 +201,11 @@ async def status(args: argparse.Namespace) -> int:
                       escape(", ".join(e["pinned_by"]) or "-"))
     out.print(table)
     return exits.OK
+
+
+def _whole(header: str) -> Column:
+    """A column whose names fold onto more lines on a narrow terminal, never cut short."""
+    return Column(header, overflow="fold")
 
 
 # Pin holder prefixes (admin.py, kube/pods.py, kube/prewarm.py) -> what holds the pin.
@@ -227,7 +233,7 @@ async def pins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return exits.OK
-    table = Table("name", "paths", "pinned by")
+    table = Table(_whole("name"), "paths", "pinned by")
     for r in rows:
         table.add_row(escape(r["name"]), str(r["paths"]), escape(r["kind"]))
     console().print(table if rows else "no pins")
