@@ -68,6 +68,10 @@ def setting(default: Any, help: str, *, metavar: str | None = None,
         "default_text": default_text})
 
 
+_PLAIN = setting(None, "").metadata  # what a field declared without setting() gets
+_INTERNAL = {"internal": True}
+
+
 @dataclass(frozen=True)
 class Config:
     store: Path = setting(Path("var/store"), "store directory, a valid file:// binary cache",
@@ -149,9 +153,11 @@ class Config:
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
 
     # Parsed forms, filled by validate(); notices (deprecated names used) are filled by load().
-    public_keys: tuple[PublicKey, ...] = field(default=(), compare=False, repr=False)
-    signing_key: SecretKey | None = field(default=None, compare=False, repr=False)
-    notices: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    public_keys: tuple[PublicKey, ...] = field(default=(), compare=False, repr=False,
+                                               metadata=_INTERNAL)
+    signing_key: SecretKey | None = field(default=None, compare=False, repr=False,
+                                          metadata=_INTERNAL)
+    notices: tuple[str, ...] = field(default=(), compare=False, repr=False, metadata=_INTERNAL)
 
     @property
     def listen_addr(self) -> tuple[str, int]:
@@ -333,11 +339,15 @@ def _setting(f: Field) -> Setting:
         optional = NoneType in get_args(typ)
         typ = next(a for a in get_args(typ) if a is not NoneType)
     kind = tuple if get_origin(typ) is tuple else typ
-    return Setting(f.name, f.metadata["name"] or f.name.replace("_", "-"), kind, optional,
-                   f.default, f.metadata)
+    meta = {**_PLAIN, **f.metadata}
+    return Setting(f.name, meta["name"] or f.name.replace("_", "-"), kind, optional, f.default,
+                   meta)
 
 
-SETTINGS: tuple[Setting, ...] = tuple(_setting(f) for f in fields(Config) if "help" in f.metadata)
+# Every field but the parsed forms is a setting (one declared without setting() gets a flag
+# with no help: give it one).
+SETTINGS: tuple[Setting, ...] = tuple(_setting(f) for f in fields(Config)
+                                      if not f.metadata.get("internal"))
 _BY_FIELD = {s.field: s for s in SETTINGS}
 
 

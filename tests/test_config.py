@@ -51,6 +51,7 @@ def test_every_field_is_a_setting_with_a_generated_flag_and_help() -> None:
     assert settable == {s.field for s in SETTINGS}
     actions = {a.dest: a for a in run_parser()._actions}
     for s in SETTINGS:
+        assert s.meta["help"], f"declare {s.field} with setting(default, help, ...)"
         action = actions[s.field]
         assert s.flag in action.option_strings
         # the default shown is the field's own, and the variable name is the flag's
