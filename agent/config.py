@@ -7,6 +7,7 @@ environment variable `FLOX_NODE_CACHE_<NAME>` and the TOML key `NAME`, and the d
 """
 
 import math
+import operator
 import os
 import re
 import tomllib
@@ -222,9 +223,9 @@ def parse_budget(text: str, filesystem_bytes: int) -> int:
         try:
             share = float(text.strip()[:-1])
         except ValueError:
-            raise ConfigError(f"store budget {text!r} is not a percentage") from None
+            raise ConfigError(f"{text!r} is not a percentage") from None
         if not 0 < share <= 100:
-            raise ConfigError(f"store budget {text!r} must be between 0% and 100%")
+            raise ConfigError(f"{text!r} must be a share between 0% and 100%")
         return int(filesystem_bytes * share / 100)
     return parse_size(text)
 
@@ -270,6 +271,8 @@ class Setting:
     def coerce(self, raw: Any, where: str, typed: bool) -> Any:
         """`raw` from one source as this setting's value. `typed`: the source (TOML) has its
         own types, which must match; otherwise raw is text (or a list of texts from flags)."""
+        if self.optional and raw == "":  # FLOX_NODE_CACHE_NODE_NAME= unsets
+            return None
         if self.kind is tuple:
             items = raw if isinstance(raw, list | tuple) else [raw]
             if not all(isinstance(i, str) for i in items):
@@ -286,9 +289,7 @@ class Setting:
         m = self.meta
         if m["choices"] and value not in m["choices"]:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(m['choices'])}")
-        for bound, ok, words in (("at_least", lambda v, b: v >= b, "at least"),
-                                 ("above", lambda v, b: v > b, "more than"),
-                                 ("at_most", lambda v, b: v <= b, "at most")):
+        for bound, ok, words in _BOUNDS:
             if m[bound] is not None and not ok(value, m[bound]):
                 raise ConfigError(f"{where}: must be {words} {m[bound]:g}, not {value!r}")
         if m["check"]:
@@ -298,6 +299,8 @@ class Setting:
                 raise ConfigError(f"{where}: {e}") from None
 
 
+_BOUNDS = (("at_least", operator.ge, "at least"), ("above", operator.gt, "more than"),
+           ("at_most", operator.le, "at most"))
 _TEXT_KINDS = {int: "a whole number", float: "a number", bool: "true or false"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

@@ -187,3 +187,10 @@ def test_a_cluster_without_a_node_name_is_refused() -> None:
     assert not cfg.kubernetes_enabled({})
     off = load(None, flags("--kubernetes", "off"), {"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
     assert not off.kubernetes_enabled({"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+
+
+def test_an_empty_value_unsets_an_optional_setting(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text('socket-group = "nix"\n')
+    assert load(f, {}, {}).socket_group == "nix"
+    assert load(f, {}, {"FLOX_NODE_CACHE_SOCKET_GROUP": ""}).socket_group is None
