@@ -5,8 +5,10 @@ The `run` options are generated from agent/config.py's settings; exit codes are 
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +128,6 @@ def _socket_option(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import logging
-
     from agent import logs
     from agent.app import serve
 
@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(args.config, flags)
     logs.setup(cfg.log_format, cfg.log_level)
     for notice in cfg.notices:
-        logging.getLogger("agent.config").warning(notice)
+        logging.getLogger("agent.config").warning(notice)  # a deprecated setting name
     try:
         import uvloop
 
@@ -145,7 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exits.OK
 
 
-def _client(name: str) -> Any:
+def _client(name: str) -> Callable[[argparse.Namespace], int]:
+    """The command `name` of cli_client (imported only when used: `run` never needs it)."""
     def command(args: argparse.Namespace) -> int:
         from agent import cli_client
 
