@@ -170,9 +170,11 @@ async def _cancel(socket: str, job_id: str) -> int:
         status, job = await _call(socket, "DELETE", f"/v1/prewarm/{quote(job_id)}")
     except AgentUnreachable as e:
         return _unreachable(e)
-    if status == 200:
+    if status == 200 and job["error"] == "cancelled":
         err.print(f"cancelled prewarm job {job_id} ({job['target']})", markup=False)
         return exits.OK
+    if status == 200:
+        return _error(f"prewarm job {job_id} is still {job['state']}", exits.FAILED)
     return _error(str(job.get("error", job)), exits.FAILED if status == 409 else exits.USAGE)
 
 

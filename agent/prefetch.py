@@ -159,7 +159,7 @@ class Prefetcher:
 
     def cancel(self, job: Job) -> None:
         """Stop a running job (fetches already under way finish for their other waiters)."""
-        if job.task and not job.finished:
+        if job.task and job.state == "running":  # a pending task cancelled would never clean up
             job.task.cancel()
 
     def unpin(self, holder: str) -> bool:
