@@ -6,6 +6,7 @@ environment variable `FLOX_NODE_CACHE_<NAME>` and the TOML key `NAME`, and the d
 `run --help` are the field defaults themselves.
 """
 
+import difflib
 import math
 import operator
 import os
@@ -371,6 +372,12 @@ def _lookup(key: str) -> tuple[Setting, bool] | None:
 
 # --- sources ---------------------------------------------------------------------------------
 
+def _unknown(key: str, where: str) -> str:
+    name = key.lower().replace("_", "-")
+    close = difflib.get_close_matches(name, [s.name for s in SETTINGS], n=1)
+    return f"{where}: unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def _from_file(path: Path) -> Iterator[tuple[str, Any, str]]:
     try:
         data = tomllib.loads(path.read_text())
@@ -396,7 +403,7 @@ def _apply(cfg: Config, entries: Iterator[tuple[str, Any, str]], source: str,
     for key, raw, where in entries:
         found = _lookup(key)
         if found is None:
-            raise ConfigError(f"{source}: unknown setting {key!r}")
+            raise ConfigError(_unknown(key, where if source == "environment" else source))
         s, deprecated = found
         if deprecated:
             notices.append(f"{where} is deprecated, use "

@@ -129,8 +129,11 @@ def test_invalid_settings_are_rejected_with_a_clear_message(argv: list[str], mes
 def test_unknown_file_keys_and_bad_values_name_their_source(tmp_path: Path) -> None:
     f = tmp_path / "bad.toml"
     f.write_text("stroe = 1\n")
-    with pytest.raises(ConfigError, match="unknown setting 'stroe'"):
+    with pytest.raises(ConfigError, match=r"unknown setting 'stroe' \(did you mean 'store'\?\)"):
         load(f, {}, {})
+    with pytest.raises(ConfigError, match="FLOX_NODE_CACHE_UPSTREEM: unknown setting 'UPSTREEM' "
+                                          r"\(did you mean 'upstream'\?\)"):
+        load(None, {}, {"FLOX_NODE_CACHE_UPSTREEM": "http://a"})
     with pytest.raises(ConfigError, match="FLOX_NODE_CACHE_PRIORITY: 'high' is not a whole"):
         load(None, {}, {"FLOX_NODE_CACHE_PRIORITY": "high"})
     with pytest.raises(ConfigError, match="FLOX_NODE_CACHE_PREFETCH_CONCURRENCY: must be at"):
