@@ -132,7 +132,8 @@ def test_ctrl_c_leaves_the_job_running_and_it_can_be_followed_or_cancelled(
 
     cancel = cli(agent, "prewarm", "--cancel", job["id"])
     assert cancel.returncode == exits.OK, cancel.stderr
-    assert f"cancelled prewarm job {job['id']}" in cancel.stderr
+    name = Path(big_path_closure.roots[0]).name.split("-", 1)[1]
+    assert f"cancelled prewarm job {job['id']} (paths:{name}@" in cancel.stderr  # named
     ended = admin(agent, f"/v1/prewarm/{job['id']}")
     assert (ended["state"], ended["error"]) == ("failed", "cancelled")  # type: ignore[index]
     # the cancelled --pin prewarm left no pin behind
