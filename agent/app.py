@@ -30,7 +30,6 @@ from agent import __version__, metrics
 from agent.config import Config
 from agent.flox.floxhub import FloxHub
 from agent.flox.watch import GenerationWatch
-from agent.kube.client import kubernetes_enabled
 from agent.logs import request_id
 from agent.prefetch import Prefetcher
 from agent.readthrough import ReadThrough
@@ -106,7 +105,7 @@ async def build(config: Config) -> AsyncIterator[Parts]:
         upkeep = Upkeep(store, readthrough.busy, config)
         background += [functools.partial(run_chores, upkeep.chores()),
                        functools.partial(watch.run, prefetcher.follow_generation)]
-        if kubernetes_enabled(config.kubernetes, config.kubeconfig):
+        if config.kubernetes_enabled():
             from agent.kube import KubeOptions, run_kubernetes
 
             background.append(functools.partial(

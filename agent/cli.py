@@ -1,94 +1,39 @@
-"""The command line: run, prewarm, status, gc, verify. Thin: parse, call, print.
+"""The command line: run, prewarm, status, pins, unpin, gc, verify. Thin: parse, call, print.
 
-Exit codes: 0 success, 1 the operation failed (a failed prewarm, damage found), 2 usage or
-configuration error, 3 the agent could not be reached.
+The `run` options are generated from agent/config.py's settings; exit codes are agent/exits.py's.
 """
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from agent import __version__
-from agent.config import ConfigError, load
+from agent import __version__, exits
+from agent.config import ENV_PREFIX, SETTINGS, Config, ConfigError, Setting, load, setting_of
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+def _argument(s: Setting) -> dict[str, Any]:
+    """argparse keywords for one setting. Values stay text: config.py converts and checks them,
+    so a bad flag reads like a bad file or environment value ("--negative-ttl: 'abc' is ...")."""
+    text = f"{s.meta['help']} (default {s.default_text()}; ${s.env})".replace("%", "%%")
+    if s.kind is bool:
+        return {"dest": s.field, "action": argparse.BooleanOptionalAction, "default": None,
+                "help": text}
+    metavar = s.meta["metavar"] or "{" + ",".join(s.meta["choices"]) + "}"
+    return {"dest": s.field, "metavar": metavar, "help": text,
+            **({"action": "append"} if s.kind is tuple else {})}
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--config", type=Path, metavar="FILE",
-      help="TOML configuration file (keys as the long options, with - or _)")
-    a("--store", type=Path, metavar="DIR", help="store directory, a valid file:// binary cache "
-      "(default ./var/store)")
-    a("--socket", type=Path, metavar="PATH", help="Unix socket: cache protocol and admin API "
-      "(default ./var/run/agent.sock)")
-    a("--socket-group", metavar="GROUP", help="group owning the 0660 socket")
-    a("--listen", metavar="HOST:PORT", help="loopback cache listener, read-only "
-      "(default 127.0.0.1:37515)")
-    a("--metrics-listen", metavar="HOST:PORT", help="/metrics, /healthz, /readyz "
-      "(default 127.0.0.1:37516)")
-    a("--upstream", dest="upstreams", action="append", metavar="URL",
-      help="upstream binary cache, repeatable, in priority order "
-      "(default cache.nixos.org, cache.flox.dev)")
-    a("--trusted-public-key", dest="trusted_public_keys", action="append", metavar="NAME:KEY",
-      help="key whose signatures upstream narinfos must carry, repeatable "
-      "(default the keys of the default upstreams)")
-    a("--no-require-signatures", dest="require_signatures", action="store_const", const=False,
-      help="accept unsigned upstream narinfos (NarHash is still verified)")
-    a("--signing-key-file", type=Path, metavar="FILE",
-      help="secret key (nix-store --generate-binary-cache-key) to add our own signature")
-    a("--priority", type=int, help="Priority in nix-cache-info; lower is preferred (default 10)")
-    a("--store-budget", metavar="SIZE|PCT", help="store size budget: 50G, or 80%% of the "
-      "filesystem (default 80%%)")
-    a("--gc-high-watermark", type=float, metavar="RATIO",
-      help="start evicting above this share of the budget (default 0.95)")
-    a("--gc-low-watermark", type=float, metavar="RATIO",
-      help="evict down to this share of the budget (default 0.85)")
-    a("--gc-interval", type=float, metavar="SECONDS",
-      help="seconds between eviction checks (default 30)")
-    a("--scrub-interval", type=float, metavar="SECONDS",
-      help="seconds between background re-hash passes, 0 to disable (default 3600)")
-    a("--scrub-rate", metavar="SIZE", help="bytes per second the scrub may read (default 20M)")
-    a("--recompress", choices=("zstd", "uncompressed", "none"),
-      help="re-encode ingested NARs so clients unpack them fast: zstd (default), "
-      "uncompressed (fastest, more disk), or none (keep the upstream encoding)")
-    a("--recompress-level", type=int, metavar="N", help="zstd level (default 3)")
-    a("--recompress-grace", type=float, metavar="SECONDS",
-      help="how long the original encoding stays servable for clients holding its narinfo "
-      "(default 3600)")
-    a("--upstream-connect-timeout", type=float, metavar="SECONDS", help="default 5")
-    a("--upstream-read-timeout", type=float, metavar="SECONDS",
-      help="longest silence in an upstream response (default 30)")
-    a("--upstream-narinfo-timeout", type=float, metavar="SECONDS",
-      help="whole upstream narinfo request (default 10)")
-    a("--circuit-failures", type=int, metavar="N",
-      help="consecutive errors that take an upstream out of use (default 3)")
-    a("--circuit-cooldown", type=float, metavar="SECONDS",
-      help="how long an upstream stays out of use (default 30)")
-    a("--negative-ttl", type=float, metavar="SECONDS",
-      help="how long a path no upstream has is remembered as missing (default 30)")
-    a("--prefetch-concurrency", type=int, metavar="N", help="parallel fetches per prewarm "
-      "(default 8)")
-    a("--floxhub-git-url", metavar="URL",
-      help="FloxHub git base; remotes are URL/<owner>/floxmeta (default https://api.flox.dev/git)")
-    a("--floxhub-token-file", type=Path, metavar="FILE",
-      help="file holding a FloxHub token for private environments (never logged)")
-    a("--generation-watch-interval", type=float, metavar="SECONDS",
-      help="how often environments in use are checked for a new generation (default 60)")
-    a("--system", help="Nix system of this node (default: detected, e.g. x86_64-linux)")
-    a("--kubernetes", choices=("auto", "on", "off"),
-      help="watch the Kubernetes API: auto = when in a cluster or --kubeconfig is given")
-    a("--kubeconfig", type=Path, metavar="FILE", help="kubeconfig (default in-cluster)")
-    a("--node-name", metavar="NAME", help="this node's name (default $NODE_NAME)")
-    a("--warm-taint", metavar="KEY", help="startup taint (e.g. flox.dev/node-cache-warming) to "
-      "remove from this node once every EnvironmentPrewarm selecting it is Ready here "
-      "(default empty: off)")
-    a("--warm-taint-timeout", type=float, metavar="SECONDS",
-      help="remove the warm taint after this long even if not warm (default 600)")
-    a("--log-format", choices=("text", "json"), help="default text")
-    a("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"TOML configuration file, keys as the options below "
+                   f"(${ENV_PREFIX}CONFIG)")
+    for s in SETTINGS:
+        p.add_argument(s.flag, **_argument(s))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,19 +42,21 @@ def parser() -> argparse.ArgumentParser:
         description="Node-local Nix binary cache for Flox pods. Every run option can also be "
         "set as FLOX_NODE_CACHE_<OPTION> (e.g. FLOX_NODE_CACHE_STORE_BUDGET=50G) or in the "
         "--config file; flags win over the environment, which wins over the file.",
-        epilog="exit codes: 0 ok, 1 failed, 2 usage/configuration error, 3 agent unreachable, "
-        "4 prewarm --cluster --wait timed out, 5 no node matches the prewarm")
+        epilog=exits.SUMMARY)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the agent", description="Run the agent until "
-                         "SIGTERM/SIGINT.")
+                         "SIGTERM/SIGINT. Each option is also FLOX_NODE_CACHE_<OPTION> (lists "
+                         "comma-separated) and the TOML key <option> of the --config file.")
     _run_options(run)
 
     pw = sub.add_parser("prewarm", help="prefetch an environment's closure and wait for it",
                         description="Prefetch a closure through the agent on this node (over "
                         "its socket) with a live progress bar; exits 0 only when the whole "
-                        "closure is present and verified. With --cluster, create or update an "
-                        "EnvironmentPrewarm for every matching node instead.")
+                        "closure is present and verified. Ctrl-C stops waiting, not the job: "
+                        "--follow ID waits again, --cancel ID stops it. With --cluster, create "
+                        "or update an EnvironmentPrewarm for every matching node instead.",
+                        epilog=exits.SUMMARY)
     pw.add_argument("refs", nargs="*", metavar="OWNER/ENV[:N]", help="FloxHub environment")
     pw.add_argument("--lockfile", type=Path, metavar="FILE", help="a Flox manifest.lock")
     pw.add_argument("--store-path", dest="store_paths", action="append", default=[],
@@ -117,8 +64,12 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("--system", help="Nix system (default: the agent's)")
     pin = pw.add_mutually_exclusive_group()
     pin.add_argument("--pin", dest="pin", action="store_true", default=None,
-                     help="keep the closure from eviction (default with --cluster)")
+                     help="keep the closure from eviction (default with --cluster); a failed "
+                     "prewarm leaves no pin")
     pin.add_argument("--no-pin", dest="pin", action="store_false")
+    job = pw.add_mutually_exclusive_group()
+    job.add_argument("--follow", metavar="ID", help="wait for a job already started")
+    job.add_argument("--cancel", metavar="ID", help="cancel a running job")
     pw.add_argument("--json", action="store_true", help="print the final job as JSON")
     pw.add_argument("--cluster", action="store_true",
                     help="prewarm every matching node of the cluster (EnvironmentPrewarm)")
@@ -137,6 +88,20 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     _socket_option(st)
 
+    pins = sub.add_parser("pins", help="what keeps closures from eviction",
+                          description="List the pins of the agent on this node: environments "
+                          "prewarmed with --pin (removable with `unpin`), environments of pods "
+                          "running on the node, and EnvironmentPrewarm resources.")
+    pins.add_argument("--json", action="store_true", help="machine-readable output")
+    _socket_option(pins)
+
+    unpin = sub.add_parser("unpin", help="drop the pin a prewarm --pin put on an environment",
+                           description="Drop the pin `prewarm --pin` put on NAME (an "
+                           "environment as given to prewarm, or a name `pins` lists); its "
+                           "closure becomes evictable. Exits 1 when NAME is not pinned.")
+    unpin.add_argument("name", metavar="NAME", help="e.g. acme/web")
+    _socket_option(unpin)
+
     gc = sub.add_parser("gc", help="evict least-recently-used entries down to the budget",
                         description="Run an eviction pass now (pinned closures are kept).")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
@@ -147,8 +112,8 @@ def parser() -> argparse.ArgumentParser:
                         description="Re-hash every NAR in the store against its narinfo and "
                         "report damaged entries and orphans; exits 1 when damage is found. "
                         "Works on the store directory directly (the agent may be running).")
-    vf.add_argument("--store", type=Path, default=Path("var/store"), metavar="DIR",
-                    help="store directory (default ./var/store)")
+    vf.add_argument("--store", type=Path, default=Config.store, metavar="DIR",
+                    help=f"store directory (default {Config.store})")
     vf.add_argument("--repair", action="store_true",
                     help="remove damaged entries and orphans (they are refetched on demand)")
     vf.add_argument("--json", action="store_true", help="machine-readable output")
@@ -156,30 +121,38 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _socket_option(p: argparse.ArgumentParser) -> None:
+    env = setting_of("socket").env
     p.add_argument("--socket", type=Path, metavar="PATH",
-                   default=Path(os.environ.get("FLOX_NODE_CACHE_SOCKET", "var/run/agent.sock")),
-                   help="the agent's Unix socket (default $FLOX_NODE_CACHE_SOCKET or "
-                   "./var/run/agent.sock)")
-
-
-def _config(args: argparse.Namespace) -> "object":
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    return load(args.config, flags)
+                   default=Path(os.environ.get(env, str(Config.socket))),
+                   help=f"the agent's Unix socket (default ${env} or {Config.socket})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import logs
     from agent.app import serve
 
-    cfg = _config(args)
-    logs.setup(cfg.log_format, cfg.log_level)  # type: ignore[attr-defined]
+    flags = {s.field: getattr(args, s.field) for s in SETTINGS}
+    cfg = load(args.config, flags)
+    logs.setup(cfg.log_format, cfg.log_level)
+    for notice in cfg.notices:
+        logging.getLogger("agent.config").warning(notice)  # a deprecated setting name
     try:
         import uvloop
 
-        uvloop.run(serve(cfg))  # type: ignore[arg-type]
+        uvloop.run(serve(cfg))
     except KeyboardInterrupt:
         pass
-    return EXIT_OK
+    return exits.OK
+
+
+def _client(name: str) -> Callable[[argparse.Namespace], int]:
+    """The command `name` of cli_client (imported only when used: `run` never needs it)."""
+    def command(args: argparse.Namespace) -> int:
+        from agent import cli_client
+
+        result = getattr(cli_client, name)(args)
+        return asyncio.run(result) if asyncio.iscoroutine(result) else result
+    return command
 
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
@@ -187,31 +160,12 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
         from agent.cli_cluster import prewarm_cluster_command
 
         return prewarm_cluster_command(args)
-    from agent import cli_client
-
-    return asyncio.run(cli_client.prewarm(args))
+    return _client("prewarm")(args)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from agent import cli_client
-
-    return asyncio.run(cli_client.status(args))
-
-
-def cmd_gc(args: argparse.Namespace) -> int:
-    from agent import cli_client
-
-    return asyncio.run(cli_client.gc(args))
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from agent import cli_client
-
-    return cli_client.verify(args)
-
-
-COMMANDS = {"run": cmd_run, "prewarm": cmd_prewarm, "status": cmd_status, "gc": cmd_gc,
-            "verify": cmd_verify}
+COMMANDS = {"run": cmd_run, "prewarm": cmd_prewarm, "status": _client("status"),
+            "pins": _client("pins"), "unpin": _client("unpin"), "gc": _client("gc"),
+            "verify": _client("verify")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"flox-node-cache: configuration error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
+    except KeyboardInterrupt:
+        print("flox-node-cache: interrupted", file=sys.stderr)
+        return exits.INTERRUPTED
 
 
 if __name__ == "__main__":

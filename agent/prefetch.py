@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from agent import metrics
 from agent.flox.floxhub import EnvRef, FloxHub, FloxHubError, RefError, ResolvedEnv
 from agent.flox.lockfile import Lockfile, LockfileError, node_system, parse_lockfile
-from agent.nix.storepath import StorePath, StorePathError
+from agent.nix.storepath import STORE_DIR, StorePath, StorePathError
 from agent.readthrough import ReadThrough, Unavailable
 from agent.store.pins import EnvironmentReport
 from agent.store.store import Store
@@ -52,20 +52,22 @@ class Target:
             return cls(str(env), env=env)
         if lockfile:
             try:
-                parse_lockfile(lockfile)
+                ids = {p.install_id for p in parse_lockfile(lockfile).packages}
             except LockfileError as e:
                 raise TargetError(f"lockfile: {e}") from None
-            return cls(f"lockfile:{_digest(lockfile)}", lockfile=lockfile)
-        for p in paths:
-            try:
-                StorePath.parse(p)
-            except StorePathError as e:
-                raise TargetError(str(e)) from None
-        return cls(f"paths:{_digest(' '.join(sorted(paths)))}", store_paths=paths)
+            return cls(_name("lockfile", sorted(ids - {""}), lockfile), lockfile=lockfile)
+        try:
+            names = [StorePath.parse(p).name for p in sorted(paths)]
+        except StorePathError as e:
+            raise TargetError(str(e)) from None
+        return cls(_name("paths", names, " ".join(sorted(paths))), store_paths=paths)
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _name(kind: str, names: list[str], content: str) -> str:
+    """`kind:hello+curl@<digest of content>`: readable, and as unique as the content."""
+    shown = "+".join(names[:3]) + (f"+{len(names) - 3}-more" if len(names) > 3 else "")
+    digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+    return f"{kind}:{shown}@{digest}" if shown else f"{kind}:{digest}"
 
 
 @dataclass
@@ -135,11 +137,13 @@ class Prefetcher:
         self._running: dict[tuple[str, str], Job] = {}
         # Called with each environment resolved through FloxHub (the generation watch listens).
         self._on_resolved = on_resolved
+        self._stopping = False
 
     async def __aenter__(self) -> "Prefetcher":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True
         tasks = [j.task for j in self._running.values() if j.task]
         for task in tasks:
             task.cancel()
@@ -166,6 +170,11 @@ class Prefetcher:
     async def prewarm(self, ref: str, *, pin: str | None = None, system: str | None = None) \
             -> Job:
         return self.submit(Target.parse(ref=ref), pin=pin, system=system)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a running job (fetches already under way finish for their other waiters)."""
+        if job.task and job.state == "running":  # a pending task cancelled would never clean up
+            job.task.cancel()
 
     def unpin(self, holder: str) -> bool:
         # A running job must not pin again for a holder that has let go meanwhile.
@@ -210,14 +219,15 @@ class Prefetcher:
     async def _run(self, job: Job) -> None:
         job.state = "running"
         label = job.target.name
+        held_before = set(self.store.pins.holders())
         try:
-            roots = [StorePath.parse(r).hash_part if r.startswith("/") else r
-                     for r in await self._roots(job)]
+            full = await self._roots(job)
+            roots = [StorePath.parse(r).hash_part if r.startswith("/") else r for r in full]
             # Known from the start, so a restart can resume an interrupted prefetch.
             self.store.pins.record_environment(job.target.name, job.generation, job.system,
                                                roots)
-            closure = await self._walk_and_fetch(job, roots)
-            self._record(job, closure)
+            closure = await self._walk_and_fetch(job, roots, _paths_by_hash(full))
+            self._record(job, closure, pin=not job.progress.failures)
             if job.progress.failures:
                 n = len(job.progress.failures)
                 first = next(iter(job.progress.failures.items()))
@@ -228,7 +238,15 @@ class Prefetcher:
         except Exception as e:  # never let a job die silently
             log.exception("prefetch crashed", extra={"fields": {"job": job.id}})
             job.state, job.error = "failed", f"internal error: {type(e).__name__}"
+        except asyncio.CancelledError:
+            job.state, job.error = "failed", "cancelled"
+            raise
         finally:
+            # A failed --pin prewarm leaves no pin of its own behind; one interrupted by the
+            # agent stopping keeps it, so that it resumes at the next start.
+            if job.state == "failed" and not self._stopping:
+                for holder in job.pins - held_before:
+                    self.store.pins.release(holder)
             job.finished = time.time()
             self._running.pop((job.target.name, job.system), None)
             metrics.PREWARM_JOBS.labels(job.state).inc()
@@ -260,7 +278,9 @@ class Prefetcher:
         env = self.store.pins.environment(t.name)
         return list(env.closure) if env else []
 
-    async def _walk_and_fetch(self, job: Job, roots: list[str]) -> list[str]:
+    async def _walk_and_fetch(self, job: Job, roots: list[str], paths: dict[str, str]) \
+            -> list[str]:
+        """`paths`: the full store paths known so far by hash part, for failure messages."""
         seen: set[str] = set(roots)
         order: list[str] = list(roots)
         queue: asyncio.Queue[str] = asyncio.Queue()
@@ -274,11 +294,13 @@ class Prefetcher:
             try:
                 found = await self.readthrough.narinfo(h)
             except Unavailable as e:
-                p.failures[h] = f"upstream unavailable: {e}"
+                p.failures[paths.get(h, h)] = f"upstream unavailable: {e}"
                 return
             if found.row is None:
-                p.failures[h] = "not found in any upstream"
+                p.failures[paths.get(h, h)] = "not found in any upstream"
                 return
+            paths[h] = found.row.store_path
+            paths.update(_paths_by_hash(_references(found.row.text)))
             for ref in found.row.refs:
                 if ref not in seen:
                     seen.add(ref)
@@ -296,7 +318,7 @@ class Prefetcher:
             try:
                 fetched = await self.readthrough.fetch_nar(found.row.nar_file)
             except Exception as e:  # upstream error, verification failure, store full
-                p.failures[h] = str(e) or type(e).__name__
+                p.failures[paths[h]] = str(e) or type(e).__name__
                 return
             p.bytes_fetched += fetched
             if fetched:
@@ -322,9 +344,9 @@ class Prefetcher:
             await asyncio.gather(*workers, return_exceptions=True)
         return order
 
-    def _record(self, job: Job, closure: list[str]) -> None:
+    def _record(self, job: Job, closure: list[str], *, pin: bool) -> None:
         self.store.pins.record_environment(job.target.name, job.generation, job.system, closure)
-        for holder in job.pins:
+        for holder in job.pins if pin else ():
             self.store.pins.replace(holder, closure)
         self.store.update_gauges()
 
@@ -332,6 +354,18 @@ class Prefetcher:
         finished = [j for j in self.jobs.values() if j.finished]
         for j in sorted(finished, key=lambda j: j.created)[:max(0, len(finished) - keep)]:
             del self.jobs[j.id]
+
+
+def _paths_by_hash(paths: Iterable[str]) -> dict[str, str]:
+    return {StorePath.parse(p).hash_part: p for p in paths if p.startswith(STORE_DIR + "/")}
+
+
+def _references(narinfo_text: str) -> list[str]:
+    """The full store paths a narinfo's References line names."""
+    for line in narinfo_text.splitlines():
+        if line.startswith("References:"):
+            return [f"{STORE_DIR}/{name}" for name in line.split()[1:]]
+    return []
 
 
 def _system_roots(lock: Lockfile, system: str, name: str) -> list[str]:

@@ -23,18 +23,6 @@ class KubeConfigError(RuntimeError):
     pass
 
 
-def in_cluster() -> bool:
-    """True when the service account environment Kubernetes gives every pod is present."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-
-
-def kubernetes_enabled(mode: str, kubeconfig: object | None) -> bool:
-    """on: always; off: never; auto: inside a cluster or with a kubeconfig."""
-    if mode == "auto":
-        return bool(kubeconfig) or in_cluster()
-    return mode == "on"
-
-
 def node_name_from_env() -> str:
     """The node name from the downward API (`NODE_NAME`)."""
     name = os.environ.get("NODE_NAME", "").strip()

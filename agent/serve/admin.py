@@ -5,12 +5,16 @@
                               false) -> 202 {"id", ...}
   GET    /v1/prewarm          recent jobs
   GET    /v1/prewarm/{id}     one job: state and progress
+  DELETE /v1/prewarm/{id}     cancel a running job (it ends failed, "cancelled"); 409 when
+                              it is not running
   GET    /v1/environments     known environments: generation, closure size, presence, pins
   DELETE /v1/pins/{ref}       drop the pin an explicit prewarm put on ref
   GET    /v1/status           store usage, budget, entries
   POST   /v1/gc               {"dry_run": bool} -> what an eviction pass removes
 """
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +25,7 @@ from agent.prefetch import Prefetcher, Target, TargetError
 from agent.store.gc import GcResult
 
 MAX_BODY = 1 << 20  # a lockfile is a few hundred KB at most
+CANCEL_WAIT = 5.0   # seconds DELETE /v1/prewarm/{id} waits for the job to stop
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -52,6 +57,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise BadRequest(413, too_large) from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(400, "body is not JSON") from None
+    except RecursionError:
+        raise BadRequest(400, "body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest(400, "body must be a JSON object")
     return data
@@ -101,6 +108,18 @@ def routes(prefetcher: Prefetcher, status_report: Callable[[], dict[str, object]
         found = prefetcher.jobs.get(request.match_info["id"])
         return _json(found.to_json()) if found else _error(404, "no such prewarm job")
 
+    async def cancel(request: web.Request) -> web.Response:
+        found = prefetcher.jobs.get(request.match_info["id"])
+        if found is None:
+            return _error(404, "no such prewarm job")
+        if found.finished:
+            return _error(409, f"prewarm job {found.id} is not running: it {found.state}"
+                          + (f" ({found.error})" if found.error else ""))
+        prefetcher.cancel(found)
+        with contextlib.suppress(TimeoutError):  # answer with its final state when it has one
+            await asyncio.wait_for(found.wait(), CANCEL_WAIT)
+        return _json(found.to_json())
+
     async def jobs(request: web.Request) -> web.Response:
         return _json([j.to_json() for j in prefetcher.jobs.values()])
 
@@ -125,6 +144,7 @@ def routes(prefetcher: Prefetcher, status_report: Callable[[], dict[str, object]
         web.post("/v1/prewarm", prewarm),
         web.get("/v1/prewarm", jobs),
         web.get("/v1/prewarm/{id}", job),
+        web.delete("/v1/prewarm/{id}", cancel),
         web.get("/v1/environments", environments),
         web.delete("/v1/pins/{ref:.+}", unpin),
         web.get("/v1/status", status),

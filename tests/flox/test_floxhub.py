@@ -26,10 +26,10 @@ from agent.flox.floxhub import (
     live_generation_from_metadata,
 )
 from agent.flox.lockfile import parse_lockfile
+from tests.support.fixtures import FIXTURES
 from tests.support.floxmeta import Floxmeta
 from tests.support.gitserver import GitHTTPServer, dead_url
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 GENERATIONS = [(FIXTURES / "floxhub-generations" / f"gen{n}.manifest.lock").read_text()
                for n in range(1, 7)]
 TOKEN = "flox-token-7c1d-SECRET-e9f2"

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from agent.flox.lockfile import Lockfile, LockfileError, node_system, parse_lockfile
 from agent.nix.nix32 import ALPHABET
+from tests.support.fixtures import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 LOCKFILES = sorted((FIXTURES / "lockfiles").glob("*.lock"))
 GENERATIONS = sorted((FIXTURES / "floxhub-generations").glob("*.lock"))
 LINUX = ("x86_64-linux", "aarch64-linux")

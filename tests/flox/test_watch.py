@@ -9,10 +9,10 @@ from prometheus_client import REGISTRY
 
 from agent.flox.floxhub import FloxHub, ResolvedEnv
 from agent.flox.watch import GenerationWatch
+from tests.support.fixtures import FIXTURES
 from tests.support.floxmeta import Floxmeta
 from tests.support.gitserver import GitHTTPServer, dead_url
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 GEN = [(FIXTURES / "floxhub-generations" / f"gen{n}.manifest.lock").read_text()
        for n in (1, 2, 3)]
 TOKEN = "watch-token-SECRET-5b7e"

@@ -21,7 +21,6 @@ from agent.kube import KubeOptions, run_kubernetes
 from agent.kube.watch import WatchOptions
 from tests.support.kubeapi import FakeKubeAPI
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 Obj = dict[str, Any]
 
 # short intervals so the suite stays fast; the code paths are the production ones

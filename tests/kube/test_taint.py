@@ -17,7 +17,7 @@ import pytest
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client import ApiClient
 
-from agent.config import Config, ConfigError
+from agent.config import ConfigError, load
 from agent.kube.client import make_api_client
 from agent.kube.taint import REASON, WarmTaint, Warmth, removal_patch
 from tests.kube import (
@@ -185,18 +185,18 @@ def test_warmth_opens_only_when_known_and_nothing_waits() -> None:
 
 @pytest.mark.parametrize("key", ["", "flox.dev/node-cache-warming", "warming", "a.b/c_d.e"])
 def test_config_accepts_taint_keys(key: str) -> None:
-    assert Config(warm_taint=key, require_signatures=False).validate().warm_taint == key
+    assert load(None, {"warm_taint": key}, {}).warm_taint == key
 
 
 @pytest.mark.parametrize("key", ["flox.dev/", "-x", "Flox.Dev/x", "a b", "x=true:NoSchedule"])
 def test_config_rejects_what_is_not_a_taint_key(key: str) -> None:
     with pytest.raises(ConfigError, match="not a taint key"):
-        Config(warm_taint=key, require_signatures=False).validate()
+        load(None, {"warm_taint": key}, {})
 
 
 def test_config_rejects_a_timeout_that_is_not_positive() -> None:
     with pytest.raises(ConfigError, match="warm-taint-timeout"):
-        Config(warm_taint_timeout=0, require_signatures=False).validate()
+        load(None, {"warm_taint_timeout": 0}, {})
 
 
 # --- through the agent's watchers --------------------------------------------------------

@@ -8,7 +8,6 @@ import yaml
 
 from agent.kube.workloads import node_may_run, pod_template, template_ref
 from tests.kube import (
-    FIXTURES,
     Agents,
     agents,
     deployment,
@@ -18,6 +17,7 @@ from tests.kube import (
     node,
     stays,
 )
+from tests.support.fixtures import FIXTURES
 from tests.support.kubeapi import FakeKubeAPI
 
 __all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
