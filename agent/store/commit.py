@@ -64,7 +64,7 @@ def recover(layout: Layout, index: Index) -> dict[str, int]:
     # with the same size is adopted; a file the index does not know is an orphan.
     for path in layout.nar_dir.iterdir():
         name = f"nar/{path.name}"
-        row = index.nar(name) if is_nar_file(name) else None
+        row = index.nar_row(name) if is_nar_file(name) else None
         size = path.stat().st_size
         if row and not row.committed and (row.file_size in (None, size)):
             index.mark_nar_committed(name, size)
@@ -84,8 +84,8 @@ def recover(layout: Layout, index: Index) -> dict[str, int]:
 
     # narinfo files: visible only when their NAR is committed.
     for path in layout.root.glob("*.narinfo"):
-        info = index.narinfo(path.name.removesuffix(".narinfo"))
-        nar = index.nar(info.nar_file) if info else None
+        info = index.narinfo_row(path.name.removesuffix(".narinfo"))
+        nar = index.nar_row(info.nar_file) if info else None
         if info and nar and nar.committed:
             if not info.committed:
                 index.mark_narinfo_committed(info.hash)
@@ -100,7 +100,7 @@ def recover(layout: Layout, index: Index) -> dict[str, int]:
             write_atomic(layout, path, info.text.encode())
             stats["adopted"] += 1
         elif not path.exists():
-            nar = index.nar(info.nar_file)
+            nar = index.nar_row(info.nar_file)
             if nar and nar.committed:
                 write_atomic(layout, layout.narinfo(info.hash), info.text.encode())
             else:

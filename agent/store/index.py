@@ -147,7 +147,7 @@ class Index:
 
     # --- narinfos and NARs -----------------------------------------------------------------
 
-    def narinfo(self, hash_part: str) -> NarInfoRow | None:
+    def narinfo_row(self, hash_part: str) -> NarInfoRow | None:
         if time.monotonic() > self._next_check:
             self._drop_cache_if_changed_elsewhere()
         cached = self._cache.get(hash_part)
@@ -180,7 +180,7 @@ class Index:
             self._cache.pop(h, None)
 
     @_locked
-    def nar(self, file: str) -> NarRow | None:
+    def nar_row(self, file: str) -> NarRow | None:
         row = self.db.execute(f"SELECT {_NAR_COLS} FROM nars WHERE file = ?", (file,)).fetchone()
         return _nar_row(row) if row else None
 

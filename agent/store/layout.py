@@ -51,7 +51,7 @@ class Layout:
             raise ValueError(f"not a store path hash: {hash_part!r}")
         return self.root / f"{hash_part}.narinfo"
 
-    def nar(self, name: str) -> Path:
+    def nar_path(self, name: str) -> Path:
         if not is_nar_file(name):
             raise ValueError(f"not a NAR file name: {name!r}")
         return self.root / name

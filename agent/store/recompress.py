@@ -64,7 +64,7 @@ class Recompressor:
             return
         fd, tmp = self.store.new_temp()
         try:
-            file_hash, size = self._encode(self.store.layout.nar(file), old.compression, fd)
+            file_hash, size = self._encode(self.store.nar_path(file), old.compression, fd)
             self._verify(tmp, old, file_hash, size)
             new_file = nar_file_name(file_hash, self.target)
             if self.store.nar_row(new_file) is None:

@@ -66,13 +66,13 @@ class Store:
 
     def narinfo_row(self, hash_part: str) -> NarInfoRow | None:
         """The narinfo known for a hash part, committed or still waiting for its NAR."""
-        return self._index.narinfo(hash_part)
+        return self._index.narinfo_row(hash_part)
 
     def nar_row(self, file: str) -> NarRow | None:
-        return self._index.nar(file)
+        return self._index.nar_row(file)
 
     def nar_path(self, file: str) -> Path:
-        return self.layout.nar(file)
+        return self.layout.nar_path(file)
 
     def committed_nars(self) -> list[NarRow]:
         return self._index.committed_nars()
@@ -116,7 +116,7 @@ class Store:
                          info.nar_size, info.compression, info.file_hash, info.file_size,
                          source, info.url, committed=False)
         self._index.put_pending(existing or nar, path)
-        row = self._index.narinfo(info.hash_part)
+        row = self._index.narinfo_row(info.hash_part)
         assert row is not None
         if row.committed:
             write_atomic(self.layout, self.layout.narinfo(info.hash_part), row.text.encode())
@@ -130,10 +130,10 @@ class Store:
         """Publish a verified NAR (its listing first, if known), then every narinfo that
         waits for it."""
         if listing is not None:
-            row = self._index.nar(file)
+            row = self._index.nar_row(file)
             if row is not None:
                 self.save_listing(row.nar_hash, listing)
-        publish(tmp, self.layout.nar(file))
+        publish(tmp, self.layout.nar_path(file))
         self._index.mark_nar_committed(file, file_size, file_hash)
         for info in self._index.mark_narinfos_committed(file):
             write_atomic(self.layout, self.layout.narinfo(info.hash), info.text.encode())
@@ -144,7 +144,7 @@ class Store:
         """Publish a verified re-encoding of a committed NAR and repoint its narinfos.
 
         Only URL, Compression, FileHash and FileSize change, which signatures do not cover."""
-        publish(tmp, self.layout.nar(file))
+        publish(tmp, self.layout.nar_path(file))
         new = NarRow(file, old.nar_hash, old.nar_size, compression, file_hash, file_size,
                      None, None, committed=True)
         for info in self._index.replace_nar(old.file, new):
@@ -170,18 +170,18 @@ class Store:
     def remove_nar(self, file: str) -> int:
         """Delete a committed NAR and its narinfos (narinfos first: never one without a NAR),
         and its listing once no encoding of the NAR is left."""
-        row = self._index.nar(file)
+        row = self._index.nar_row(file)
         for hash_part in self._index.remove_nar(file):
             self.layout.narinfo(hash_part).unlink(missing_ok=True)
-        self.layout.nar(file).unlink(missing_ok=True)
+        self.layout.nar_path(file).unlink(missing_ok=True)
         if row is not None and not self._index.has_nar_hash(row.nar_hash):
             self.layout.listing(row.nar_hash).unlink(missing_ok=True)
         return (row.file_size or 0) if row else 0
 
     def read_listing(self, hash_part: str) -> bytes | None:
         """The `.ls` listing of a committed store path, if the store has one (blocking)."""
-        info = self._index.narinfo(hash_part)
-        nar = self._index.nar(info.nar_file) if info and info.committed else None
+        info = self._index.narinfo_row(hash_part)
+        nar = self._index.nar_row(info.nar_file) if info and info.committed else None
         try:
             return self.layout.listing(nar.nar_hash).read_bytes() if nar else None
         except FileNotFoundError:

@@ -16,10 +16,10 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from agent import metrics
+from agent.nix.narinfo import MAX_NARINFO_BYTES
 
 log = logging.getLogger(__name__)
 NOT_HERE = {404, 403, 410}
-MAX_NARINFO = 1 << 20
 CHUNK = 256 * 1024
 
 
@@ -137,7 +137,7 @@ class Upstream:
                         return None
                     if resp.status != 200:
                         raise self._failed("narinfo", "status", f"HTTP {resp.status}")
-                    body = await _read_limited(resp, MAX_NARINFO + 1)
+                    body = await _read_limited(resp, MAX_NARINFO_BYTES + 1)
         except TimeoutError:
             raise self._failed("narinfo", "timeout", "narinfo request timed out") from None
         except aiohttp.ClientError as e:
@@ -147,7 +147,7 @@ class Upstream:
                 time.monotonic() - start)
         self.breaker.success()
         metrics.UPSTREAM_BYTES.labels(self.name).inc(len(body))
-        if len(body) > MAX_NARINFO:
+        if len(body) > MAX_NARINFO_BYTES:
             raise self._malformed("narinfo larger than 1 MiB")
         try:
             return body.decode()

@@ -24,9 +24,9 @@ def test_stale_pending_rows_are_forgotten_and_committed_ones_kept(tmp_path: Path
     index.mark_narinfo_committed(_rows(2)[1].hash)
     time.sleep(0.05)
     assert index.forget_stale_pending(0.01) == 1
-    assert index.narinfo(_rows(1)[1].hash) is None
-    assert index.nar(_rows(1)[0].file) is None
-    assert index.narinfo(_rows(2)[1].hash) is not None
+    assert index.narinfo_row(_rows(1)[1].hash) is None
+    assert index.nar_row(_rows(1)[0].file) is None
+    assert index.narinfo_row(_rows(2)[1].hash) is not None
 
 
 def test_the_narinfo_cache_never_serves_a_removed_entry(tmp_path: Path) -> None:
@@ -35,9 +35,9 @@ def test_the_narinfo_cache_never_serves_a_removed_entry(tmp_path: Path) -> None:
     index.put_pending(nar, info)
     index.mark_nar_committed(nar.file, 50)
     index.mark_narinfo_committed(info.hash)
-    assert index.narinfo(info.hash).committed  # now cached
+    assert index.narinfo_row(info.hash).committed  # now cached
     index.remove_nar(nar.file)
-    assert index.narinfo(info.hash) is None
+    assert index.narinfo_row(info.hash) is None
 
 
 def test_a_served_narinfo_takes_its_file_fields_from_its_nar(tmp_path: Path) -> None:
@@ -49,13 +49,13 @@ def test_a_served_narinfo_takes_its_file_fields_from_its_nar(tmp_path: Path) -> 
     measured, reencoded = Hash("sha256", b"\x01" * 32), Hash("sha256", b"\x05" * 32)
     index.mark_nar_committed(nar.file, 50, measured)
     index.mark_narinfo_committed(info.hash)
-    assert index.narinfo(info.hash).text == (
+    assert index.narinfo_row(info.hash).text == (
         f"StorePath: {info.store_path}\nURL: {nar.file}\nCompression: xz\n"
         f"FileHash: {measured}\nFileSize: 50\nNarSize: 100\n")
     new = NarRow(f"nar/{reencoded.nix32}.nar.zst", nar.nar_hash, 100, "zstd", reencoded, 40,
                  None, None, True)
     [moved] = index.replace_nar(nar.file, new)
-    assert index.narinfo(info.hash).text == moved.text == (
+    assert index.narinfo_row(info.hash).text == moved.text == (
         f"StorePath: {info.store_path}\nURL: {new.file}\nCompression: zstd\n"
         f"FileHash: {reencoded}\nFileSize: 40\nNarSize: 100\n")
 
@@ -83,4 +83,4 @@ def test_an_index_of_version_0_keeps_only_path_fields_after_migration(tmp_path: 
                                                              old_text))
     db.commit()
     db.close()
-    assert Index(path).narinfo(h).text == old_text
+    assert Index(path).narinfo_row(h).text == old_text
