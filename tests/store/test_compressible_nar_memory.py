@@ -1,5 +1,8 @@
-"""A signed path holding a GiB of zeros (a few kB of zstd) is fetched, re-encoded, verified and
-scrubbed by the real agent without its memory following the inflated size."""
+"""Highly compressible signed paths through the real agent and `verify`, in bounded memory.
+
+A GiB of zeros as Nix's zstd (33 kB) is fetched, scrubbed and verified; 256 MiB of zeros as xz
+is fetched and re-encoded to zstd (whose check, scrub and verify then inflate a 256 MiB frame).
+Before decoding was bounded, one zstd step inflated a whole frame: the agent peaked at 1.1 GB."""
 
 import json
 import os
