@@ -184,15 +184,24 @@ def make_keypair(directory: Path, name: str) -> tuple[Path, str]:
 
 
 def publish(paths: list[str], cache_dir: Path, secret_key: Path | None,
-            compression: str = "xz") -> None:
-    """`nix copy` the closures of `paths` into a file:// binary cache (signed if a key)."""
+            compression: str = "xz", *, store: Path | None = None) -> None:
+    """`nix copy` the closures of `paths` (in the chroot store at `store`, or the machine's)
+    into a file:// binary cache (signed if a key)."""
     if compression not in ("none", "xz", "zstd"):
         raise ValueError(f"unsupported compression {compression!r}")
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     url = f"file://{Path(cache_dir).resolve()}?compression={compression}"
     if secret_key is not None:
         url += f"&secret-key={Path(secret_key).resolve()}"
-    _run(["nix", "copy", "--to", url, *paths])
+    source = ["--from", str(Path(store).resolve())] if store else []
+    _run(["nix", "copy", *source, "--to", url, *paths])
+
+
+def add_to_store(path: Path, store: Path) -> str:
+    """`nix-store --add` a file or directory into the chroot store at `store`: its store path.
+    (A chroot store lives and dies with its directory, so a GiB-sized path leaves nothing in the
+    machine's /nix/store.)"""
+    return _run(["nix-store", "--store", str(Path(store).resolve()), "--add", str(path)]).strip()
 
 
 def _copy_config(trusted_keys: list[str], extra_config: str) -> str:
