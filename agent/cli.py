@@ -6,6 +6,7 @@ configuration error, 3 the agent could not be reached.
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -84,6 +85,18 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     a("--node-name", metavar="NAME", help="this node's name (default $NODE_NAME)")
     a("--log-format", choices=("text", "json"), help="default text")
     a("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    a("--realise-into-node", choices=("off", "pinned"),
+      help="pinned: make pinned closures valid in the node's own Nix store through its "
+      "nix-daemon, GC-rooted while pinned (default off)")
+    a("--nix-daemon-socket", type=Path, metavar="PATH",
+      help="the node's nix-daemon socket, reached as an untrusted (non-root) client: as root, "
+      "the node-relay's socket (default /nix/var/nix/daemon-socket/socket)")
+    a("--node-gcroots-dir", type=Path, metavar="DIR",
+      help="where the agent's GC roots in the node's store live, at the same path on the "
+      "host (default /nix/var/nix/gcroots/flox-node-cache)")
+    a("--node-realise-budget", metavar="SIZE|PCT",
+      help="most NarSize rooted in the node's store: 20G, or a share of the filesystem "
+      "holding --node-gcroots-dir (default 10%%); the oldest pins lose their roots first")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -137,6 +150,16 @@ def parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="only list what would be evicted")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
     _socket_option(gc)
+
+    relay = sub.add_parser("node-relay", help="relay a socket to the node's nix-daemon, as "
+                           "this (non-root) uid",
+                           description="Accept connections on --listen and pipe each to the "
+                           "nix-daemon socket. Run it as a non-root uid: the daemon then treats "
+                           "the agent's connections as untrusted (see agent/node/relay.py).")
+    relay.add_argument("--listen", type=Path, required=True, metavar="PATH")
+    relay.add_argument("--nix-daemon-socket", type=Path, metavar="PATH",
+                       default=Path("/nix/var/nix/daemon-socket/socket"))
+    relay.add_argument("--log-format", choices=("text", "json"), default="text")
 
     vf = sub.add_parser("verify", help="re-hash the store against its narinfos",
                         description="Re-hash every NAR in the store against its narinfo and "
@@ -205,8 +228,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return cli_client.verify(args)
 
 
+def cmd_node_relay(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.node import relay
+
+    logs.setup(args.log_format, "info")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(relay.serve(args.listen, args.nix_daemon_socket))
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "prewarm": cmd_prewarm, "status": cmd_status, "gc": cmd_gc,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "node-relay": cmd_node_relay}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,10 @@ class Config:
     node_name: str | None = None
     log_format: str = "text"
     log_level: str = "info"
+    realise_into_node: str = "off"
+    nix_daemon_socket: Path = Path("/nix/var/nix/daemon-socket/socket")
+    node_gcroots_dir: Path = Path("/nix/var/nix/gcroots/flox-node-cache")
+    node_realise_budget: str = "10%"
 
     # Parsed forms, filled by validate().
     public_keys: tuple[PublicKey, ...] = field(default=(), compare=False, repr=False)
@@ -92,6 +96,8 @@ class Config:
         _choice("log-format", self.log_format, ("text", "json"))
         _choice("log-level", self.log_level, ("debug", "info", "warning", "error"))
         _choice("kubernetes", self.kubernetes, ("auto", "on", "off"))
+        _choice("realise-into-node", self.realise_into_node, ("off", "pinned"))
+        parse_budget(self.node_realise_budget, 1 << 40)
         if not 0 < self.gc_low_watermark < self.gc_high_watermark <= 1:
             raise ConfigError("watermarks must satisfy 0 < low < high <= 1")
         try:

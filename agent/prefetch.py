@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent import metrics
@@ -132,6 +132,11 @@ class Prefetcher:
         self._running: dict[tuple[str, str], Job] = {}
         # Called with each environment resolved through FloxHub (the generation watch listens).
         self.on_resolved: list[Callable[[ResolvedEnv], None]] = []
+        # Called with each job that succeeded with pins, and each holder unpinned (the node
+        # realiser listens); node_status(holder) says where it stands in the node's store.
+        self.on_pinned_complete: list[Callable[[Job], None]] = []
+        self.on_unpinned: list[Callable[[str], None]] = []
+        self.node_status: Callable[[str], Awaitable[dict[str, object]]] | None = None
 
     # --- the API used by the admin endpoints, the CLI and the Kubernetes watchers ----------
 
@@ -161,6 +166,8 @@ class Prefetcher:
             job.pins.discard(holder)
         removed = self.store.index.unpin(holder)
         self.store.update_gauges()
+        for callback in self.on_unpinned:
+            callback(holder)
         return removed
 
     def environments(self) -> list[dict[str, object]]:
@@ -228,6 +235,9 @@ class Prefetcher:
                 "job": job.id, "target": label, "state": job.state, "error": job.error,
                 **job.progress.to_json()}})
             job._done.set()
+            if job.pins and job.state == "succeeded":
+                for callback in self.on_pinned_complete:
+                    callback(job)
 
     async def _roots(self, job: Job) -> list[str]:
         t = job.target

@@ -13,6 +13,7 @@ from agent import metrics
 from agent.config import Config, parse_size
 from agent.flox.floxhub import FloxHub, ResolvedEnv
 from agent.flox.watch import GenerationWatch
+from agent.node.realiser import NodeRealiser
 from agent.prefetch import Prefetcher, Target
 from agent.store.gc import collect
 from agent.store.recompress import Recompressor
@@ -60,6 +61,7 @@ class Agent:
     prefetcher: Prefetcher
     floxhub: FloxHub
     watch: GenerationWatch
+    realiser: NodeRealiser
     serving: Counter[str] = field(default_factory=Counter)  # NAR files being sent right now
     jobs: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
 
@@ -78,11 +80,16 @@ class Agent:
                           config.floxhub_token_file)
         prefetcher = Prefetcher(store, fetcher, floxhub, system=config.system,
                                 concurrency=config.prefetch_concurrency)
+        realiser = NodeRealiser(config, store)
         agent = cls(config, store, upstreams, fetcher, Savings(upstreams), prefetcher, floxhub,
-                    GenerationWatch(floxhub, config.generation_watch_interval, lambda _: None))
+                    GenerationWatch(floxhub, config.generation_watch_interval, lambda _: None),
+                    realiser)
         agent.watch.on_change = agent._new_generation
         prefetcher.on_resolved.append(agent._track_environment)
-        agent.jobs += [agent.watch.run, agent._gc_loop]
+        agent.jobs += [agent.watch.run, agent._gc_loop, realiser.run]
+        prefetcher.on_pinned_complete.append(realiser.on_pinned_complete)
+        prefetcher.on_unpinned.append(realiser.on_unpinned)
+        prefetcher.node_status = realiser.settled if realiser.enabled else None
         if config.recompress != "none":
             target = "none" if config.recompress == "uncompressed" else "zstd"
             recompressor = Recompressor(store, target, config.recompress_level,
@@ -176,6 +183,7 @@ class Agent:
             "upstreams": {u.name: "circuit_open" if u.breaker.is_open else "ok"
                           for u in self.upstreams},
             "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
+            "node_store": self.realiser.status(),
         }
 
     def background(self) -> list[Coroutine[Any, Any, None]]:

@@ -104,7 +104,7 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         return _json([j.to_json() for j in prefetcher.jobs.values()])
 
     async def environments(request: web.Request) -> web.Response:
-        return _json(prefetcher.environments())
+        return _json(agent.realiser.annotate(prefetcher.environments()))
 
     async def unpin(request: web.Request) -> web.Response:
         ref = request.match_info["ref"]
