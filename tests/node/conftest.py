@@ -52,11 +52,20 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
         time.sleep(0.1)
 
 
-def prewarm(agent: AgentProcess, paths: list[str], *, pin: bool = True) -> dict[str, Any]:
-    """Prewarm `paths` (pinned by `env:paths:<digest>`) and wait for the job; the job."""
-    job = admin(agent, "POST", "/v1/prewarm", {"store_paths": paths, "pin": pin})
+def _prewarmed(agent: AgentProcess, request: dict[str, Any]) -> dict[str, Any]:
+    job = admin(agent, "POST", "/v1/prewarm", request)
     return eventually(lambda: (j := admin(agent, "GET", f"/v1/prewarm/{job['id']}"))
                       ["finished"] and j, "prewarmed")
+
+
+def prewarm(agent: AgentProcess, paths: list[str], *, pin: bool = True) -> dict[str, Any]:
+    """Prewarm `paths` (pinned by `env:paths:<digest>`) and wait for the job; the job."""
+    return _prewarmed(agent, {"store_paths": paths, "pin": pin})
+
+
+def prewarm_ref(agent: AgentProcess, ref: str) -> dict[str, Any]:
+    """Prewarm a FloxHub environment, pinned by `env:<ref>`; the finished job."""
+    return _prewarmed(agent, {"ref": ref, "pin": True})
 
 
 def node_status(agent: AgentProcess) -> dict[str, Any]:
@@ -87,9 +96,10 @@ class NodeFactory:
 
     def __call__(self, *agent_args: str, socket: str | Path = "relay",
                  substituters: list[str] | None = None, keys: list[str] | None = None,
-                 agent_keys: list[str] | None = None) -> Node:
+                 agent_keys: list[str] | None = None,
+                 upstream: UpstreamServer | None = None) -> Node:
         roots = self.tmp_path / "roots"
-        agent = AgentProcess(self.tmp_path / "agent", [self.upstream.url],
+        agent = AgentProcess(self.tmp_path / "agent", [(upstream or self.upstream).url],
                              agent_keys or [self.key], "--realise-into-node", "pinned",
                              "--node-gcroots-dir", str(roots), *agent_args)
         daemon = NixDaemon(self.stack.enter_context(scratch_dir("realise-node-")),
