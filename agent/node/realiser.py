@@ -96,7 +96,8 @@ class NodeRealiser:
                 await self.reconcile()
             except Exception:  # never let the loop die; the next pass retries
                 log.exception("node realisation pass crashed")
-            interval = RETRY_INTERVAL if self.error else IDLE_INTERVAL
+            failing = self.error or any(s.startswith("failed") for s in self.holder_state.values())
+            interval = RETRY_INTERVAL if failing else IDLE_INTERVAL
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
 
