@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -108,14 +109,33 @@ async def status(args: argparse.Namespace) -> int:
     out.print(f"store {st['store']}: {_size(st['used_bytes'])} of {_size(st['budget_bytes'])} "
               f"budget, {st['entries']['narinfo']} paths, {_size(st['pinned_bytes'])} pinned"
               + (" [red]DISK FULL[/]" if st["disk_full"] else ""))
-    table = Table("environment", "generation", "paths", "size", "present", "pinned by")
+    node = st.get("node_store") or {"mode": "off"}
+    if node["mode"] != "off":
+        out.print(_node_store_line(node))
+    table = Table("environment", "generation", "paths", "size", "present", "pinned by",
+                  "in node store")
     for e in envs:
         table.add_row(e["ref"], str(e["generation"] or "-"),
                       f"{e['paths_present']}/{e['paths']}", _size(e["closure_bytes"]),
                       "yes" if e["complete"] else f"{_size(e['present_bytes'])}",
-                      ", ".join(e["pinned_by"]) or "-")
+                      ", ".join(e["pinned_by"]) or "-",
+                      "yes" if e.get("node_realised") else
+                      _size(e["node_rooted_bytes"]) if e.get("node_rooted_bytes") else "no")
     out.print(table)
     return EXIT_OK
+
+
+def _node_store_line(node: dict) -> str:
+    """The node's own Nix store: rooted bytes of the budget, and what is wrong if anything."""
+    line = (f"node store: {_size(node['rooted_bytes'])} rooted of "
+            f"{_size(node['budget_bytes'])} budget, {node['rooted_paths']} paths")
+    if node["over_budget"]:
+        line += f", [yellow]over budget (not rooted): {escape(', '.join(node['over_budget']))}[/]"
+    if node["state"] == "error":
+        line += f" [red]{node['reason']}: {escape(node['error'])}[/]"
+    for holder, error in node.get("holder_errors", {}).items():
+        line += f"\n  [red]{escape(holder)}: {escape(error)}[/]"
+    return line
 
 
 async def gc(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 from tests.node.conftest import NodeFactory, admin, eventually, holder_state, node_status, prewarm
 from tests.support.nixenv import Closure
@@ -125,6 +128,11 @@ def test_budget_drops_the_oldest_pins_node_roots_first(
         assert envs[small.removeprefix("env:")]["node_realised"] is False
         # The agent's own cache still has (and pins) the small closure.
         assert envs[small.removeprefix("env:")]["complete"] is True
+        shown = subprocess.run([sys.executable, "-m", "agent", "status", "--socket",
+                                str(node.agent.socket)], capture_output=True, text=True,
+                               timeout=60, env={**os.environ, "COLUMNS": "300"})
+        assert shown.returncode == 0, shown.stderr
+        assert f"over budget (not rooted): {small}" in shown.stdout
         node.daemon.gc()
         assert all(node.daemon.valid(p) for p in big_path_closure.paths)
         assert not any(node.daemon.valid(p) for p in small_closure.paths)
