@@ -9,7 +9,9 @@ Nix's own business. Each failure carries a reason (metrics label, status) and Ni
 import asyncio
 import os
 import re
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 from agent.node.relay import peer_uid
@@ -60,12 +62,18 @@ class NodeStore:
     def __init__(self, socket: Path, *, timeout: float = 1800.0) -> None:
         self.socket = socket
         self.timeout = timeout
-        # HOME, caches and an empty NIX_CONF_DIR of our own: nothing from the image or the
-        # agent's environment reaches the client (the daemon decides what is substituted).
-        self._home = Path(tempfile.mkdtemp(prefix="flox-node-cache-nix-"))
-        self._env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self._home),
-                     "XDG_CACHE_HOME": str(self._home), "NIX_CONF_DIR": str(self._home),
-                     "NIX_REMOTE": f"unix://{socket}"}
+        self._env: dict[str, str] | None = None
+
+    def _client_env(self) -> dict[str, str]:
+        """HOME, caches and an empty NIX_CONF_DIR of our own (removed at exit): nothing from
+        the image or the agent's environment reaches the client; the daemon decides."""
+        if self._env is None:
+            home = tempfile.mkdtemp(prefix="flox-node-cache-nix-")
+            weakref.finalize(self, shutil.rmtree, home, True)
+            self._env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
+                         "XDG_CACHE_HOME": home, "NIX_CONF_DIR": home,
+                         "NIX_REMOTE": f"unix://{self.socket}"}
+        return self._env
 
     def check(self) -> None:
         """Raise NodeStoreError unless the socket answers and the daemon will not trust us."""
@@ -94,7 +102,7 @@ class NodeStore:
     async def _run(self, *args: str) -> str:
         try:
             proc = await asyncio.create_subprocess_exec(
-                "nix-store", "--store", f"unix://{self.socket}", *args, env=self._env,
+                "nix-store", "--store", f"unix://{self.socket}", *args, env=self._client_env(),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
         except OSError as e:

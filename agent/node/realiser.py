@@ -252,8 +252,9 @@ class NodeRealiser:
     def _publish(self, found: Pass) -> None:
         for holder in [h for h in self.holder_state if h not in found.pinned]:
             self._forget(holder)
-        self.sizes.update(found.sizes)
         rooted = self.rooted_paths()
+        # Sizes of what is rooted only (a waiting holder keeps its earlier closure's).
+        self.sizes = {h: s for h, s in {**self.sizes, **found.sizes}.items() if h in rooted}
         metrics.NODE_ROOTED_PATHS.set(len(rooted))
         metrics.NODE_ROOTED_BYTES.set(sum(self.sizes.get(h, 0) for h in rooted))
         metrics.NODE_REALISE_BUDGET.set(self.budget)
