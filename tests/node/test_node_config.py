@@ -146,3 +146,37 @@ def test_uninstall_manifest_runs_the_scripts_copy_in_the_image() -> None:
     gcroots = Path(env["NODE_GCROOTS_DIR"])
     assert f"{volumes[mounts[str(gcroots.parent)]]}/{gcroots.name}" == \
         "/nix/var/nix/gcroots/flox-node-cache"
+
+
+def test_the_overlay_wires_agent_relay_and_roots() -> None:
+    from agent.config import load
+    from tests.daemonset.test_manifests import pod_spec
+
+    spec = pod_spec("daemonset/overlays/node-config")
+    containers = {c["name"]: c for c in spec["containers"]}
+    agent, relay = containers["agent"], containers["node-relay"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+
+    def mounts(c: dict) -> dict[str, dict]:
+        return {m["mountPath"]: {**m, **volumes[m["name"]]} for m in c["volumeMounts"]}
+
+    env = {e["name"]: e["value"] for e in agent["env"] if "value" in e}
+    cfg = load(None, {}, environ=env)  # the agent accepts its environment
+    assert cfg.realise_into_node == "pinned"
+    # The agent reaches the daemon only through the relay's socket, in a volume they share.
+    args = dict(a.removeprefix("--").split("=", 1) for a in relay["args"][1:] if "=" in a)
+    assert Path(args["listen"]) == cfg.nix_daemon_socket
+    shared = mounts(agent)[str(cfg.nix_daemon_socket.parent)]
+    assert shared["name"] == mounts(relay)[str(cfg.nix_daemon_socket.parent)]["name"]
+    assert "emptyDir" in shared
+    daemon_dir = str(Path(args["nix-daemon-socket"]).parent)
+    assert mounts(relay)[daemon_dir]["readOnly"] is True
+    assert mounts(relay)[daemon_dir]["hostPath"]["path"] == daemon_dir
+    assert all("daemon-socket" not in p for p in mounts(agent))
+    # The roots at the same path in the agent's container as on the host.
+    roots = mounts(agent)[str(cfg.node_gcroots_dir)]
+    assert roots["hostPath"]["path"] == str(cfg.node_gcroots_dir)
+    # The relay is never root, never privileged.
+    sc = relay["securityContext"]
+    assert sc["runAsUser"] != 0 and sc["runAsNonRoot"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["allowPrivilegeEscalation"]
