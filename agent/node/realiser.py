@@ -66,7 +66,8 @@ class NodeRealiser:
         self._passes = 0
         self._running = False
         self._passed = asyncio.Condition()
-        self.error: NodeStoreError | None = None
+        self.error: NodeStoreError | None = None       # of the last pass, for status
+        self._pass_error: NodeStoreError | None = None  # of the pass running now
         self.holder_state: dict[str, str] = {}   # holder -> rooted | over_budget | waiting | ...
         self.holder_errors: dict[str, str] = {}  # holder -> why its last realisation failed
         self.rooted: dict[str, frozenset[str]] = {}
@@ -113,10 +114,22 @@ class NodeRealiser:
         return self.node_status(holder)
 
     async def reconcile(self) -> None:
-        loop = asyncio.get_running_loop()
+        """One pass; `status` shows its outcome once it is over."""
         self._running = True
-        found = await loop.run_in_executor(IO_POOL, self._read_index)
-        self.error = None
+        self._pass_error = None
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(IO_POOL, self._read_index)
+            await self._apply(found)
+            self._publish(found)
+        finally:
+            self.error = self._pass_error
+            async with self._passed:
+                self._passes += 1
+                self._running = False
+                self._passed.notify_all()
+
+    async def _apply(self, found: Pass) -> None:
+        loop = asyncio.get_running_loop()
         try:
             existing = await loop.run_in_executor(IO_POOL, self._prepare_roots, found)
             self.budget = parse_budget(self.budget_text, _filesystem_bytes(self.roots.path))
@@ -129,12 +142,6 @@ class NodeRealiser:
             self._release(existing, found, done, over)
         except (OSError, ConfigError) as e:
             self._failed(NodeStoreError("roots_dir", f"{self.roots.path}: {e}"), None)
-        finally:
-            self._publish(found)
-            async with self._passed:
-                self._passes += 1
-                self._running = False
-                self._passed.notify_all()
 
     # --- the pass, step by step -------------------------------------------------------------
 
@@ -242,7 +249,7 @@ class NodeRealiser:
     def _failed(self, error: NodeStoreError, holder: str | None) -> None:
         metrics.NODE_REALISE_FAILURES.labels(error.reason).inc()
         if holder is None:
-            self.error = error
+            self._pass_error = error
         else:
             self.holder_state[holder] = f"failed: {error.reason}"
             self.holder_errors[holder] = str(error)
