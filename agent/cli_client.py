@@ -110,17 +110,20 @@ async def status(args: argparse.Namespace) -> int:
               f"budget, {st['entries']['narinfo']} paths, {_size(st['pinned_bytes'])} pinned"
               + (" [red]DISK FULL[/]" if st["disk_full"] else ""))
     node = st.get("node_store") or {"mode": "off"}
-    if node["mode"] != "off":
+    realising = node["mode"] != "off"
+    if realising:
         out.print(_node_store_line(node))
     table = Table("environment", "generation", "paths", "size", "present", "pinned by",
-                  "in node store")
+                  *(["in node store"] if realising else []))
     for e in envs:
-        table.add_row(e["ref"], str(e["generation"] or "-"),
-                      f"{e['paths_present']}/{e['paths']}", _size(e["closure_bytes"]),
-                      "yes" if e["complete"] else f"{_size(e['present_bytes'])}",
-                      ", ".join(e["pinned_by"]) or "-",
-                      "yes" if e.get("node_realised") else
-                      _size(e["node_rooted_bytes"]) if e.get("node_rooted_bytes") else "no")
+        row = [e["ref"], str(e["generation"] or "-"), f"{e['paths_present']}/{e['paths']}",
+               _size(e["closure_bytes"]),
+               "yes" if e["complete"] else f"{_size(e['present_bytes'])}",
+               ", ".join(e["pinned_by"]) or "-"]
+        if realising:
+            row.append("yes" if e.get("node_realised") else
+                       _size(e["node_rooted_bytes"]) if e.get("node_rooted_bytes") else "no")
+        table.add_row(*row)
     out.print(table)
     return EXIT_OK
 
