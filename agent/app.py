@@ -31,6 +31,7 @@ from agent.config import Config
 from agent.flox.floxhub import FloxHub
 from agent.flox.watch import GenerationWatch
 from agent.logs import request_id
+from agent.node.realiser import NodeRealiser
 from agent.prefetch import Prefetcher
 from agent.readthrough import ReadThrough
 from agent.serve import admin, cache, health
@@ -55,6 +56,7 @@ class Parts:
     sender: FileSender
     prefetcher: Prefetcher
     upkeep: Upkeep
+    realiser: NodeRealiser
     background: list[Callable[[], Coroutine[Any, Any, None]]]  # started by the caller
 
     def status(self) -> dict[str, object]:
@@ -66,7 +68,11 @@ class Parts:
             "pins": store.pins.holders(), "disk_full": store.disk_full,
             "upstreams": health.source_states(self.upstreams),  # type: ignore[arg-type]
             "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
+            "node_store": self.realiser.status(),
         }
+
+    def environments(self) -> list[dict[str, object]]:
+        return self.realiser.annotate([e.to_json() for e in self.prefetcher.environments()])
 
 
 @asynccontextmanager
@@ -99,12 +105,16 @@ async def build(config: Config) -> AsyncIterator[Parts]:
         floxhub = FloxHub(config.floxhub_git_url, store.layout.floxhub,
                           config.floxhub_token_file)
         watch = GenerationWatch(floxhub, config.generation_watch_interval)
+        realiser = NodeRealiser(config, store)
         prefetcher = await stack.enter_async_context(Prefetcher(
             store, readthrough, floxhub, system=config.system,
-            concurrency=config.prefetch_concurrency, on_resolved=watch.follow))
+            concurrency=config.prefetch_concurrency, on_resolved=watch.follow,
+            on_pinned_complete=realiser.on_pinned_complete, on_unpinned=realiser.on_unpinned,
+            node_status=realiser.settled if realiser.enabled else None))
         upkeep = Upkeep(store, readthrough.busy, config)
         background += [functools.partial(run_chores, upkeep.chores()),
-                       functools.partial(watch.run, prefetcher.follow_generation)]
+                       functools.partial(watch.run, prefetcher.follow_generation),
+                       realiser.run]
         if config.kubernetes_enabled():
             from agent.kube import KubeOptions, run_kubernetes
 
@@ -116,7 +126,7 @@ async def build(config: Config) -> AsyncIterator[Parts]:
                                     warm_taint_timeout=config.warm_taint_timeout)))
         metrics.STORE_BUDGET.set(upkeep.budget())
         prefetcher.resume()
-        yield Parts(config, store, upstreams, readthrough, sender, prefetcher, upkeep,
+        yield Parts(config, store, upstreams, readthrough, sender, prefetcher, upkeep, realiser,
                     background)
 
 
@@ -189,7 +199,7 @@ def cache_app(parts: Parts, listener: str, with_admin: bool) -> web.Application:
     app.add_routes(cache.routes(parts.readthrough, parts.sender, parts.store.cache_info))
     app.add_routes(health.routes(parts.store, parts.upstreams))  # type: ignore[arg-type]
     if with_admin:
-        app.add_routes(admin.routes(parts.prefetcher, parts.status,
+        app.add_routes(admin.routes(parts.prefetcher, parts.status, parts.environments,
                                     parts.upkeep.collect_garbage))
     return app
 

@@ -5,6 +5,7 @@ The `run` options are generated from agent/config.py's settings; exit codes are 
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -117,6 +118,17 @@ def parser() -> argparse.ArgumentParser:
     vf.add_argument("--repair", action="store_true",
                     help="remove damaged entries and orphans (they are refetched on demand)")
     vf.add_argument("--json", action="store_true", help="machine-readable output")
+
+    relay = sub.add_parser("node-relay", help="relay a socket to the node's nix-daemon, as "
+                           "this (non-root) uid",
+                           description="Accept connections on --listen and pipe each to the "
+                           "nix-daemon socket. Run it as a non-root uid: the daemon then treats "
+                           "the agent's connections as untrusted (see agent/node/relay.py).")
+    relay.add_argument("--listen", type=Path, required=True, metavar="PATH")
+    relay.add_argument("--nix-daemon-socket", type=Path, metavar="PATH",
+                       default=Config.nix_daemon_socket,
+                       help=f"the daemon's socket (default {Config.nix_daemon_socket})")
+    relay.add_argument("--log-format", choices=("text", "json"), default="text")
     return p
 
 
@@ -145,6 +157,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exits.OK
 
 
+def cmd_node_relay(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.node import relay
+
+    logs.setup(args.log_format, "info")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(relay.serve(args.listen, args.nix_daemon_socket))
+    return exits.OK
+
+
 def _client(name: str) -> Callable[[argparse.Namespace], int]:
     """The command `name` of cli_client (imported only when used: `run` never needs it)."""
     def command(args: argparse.Namespace) -> int:
@@ -165,7 +187,7 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "prewarm": cmd_prewarm, "status": _client("status"),
             "pins": _client("pins"), "unpin": _client("unpin"), "gc": _client("gc"),
-            "verify": _client("verify")}
+            "verify": _client("verify"), "node-relay": cmd_node_relay}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,13 +194,22 @@ async def status(args: argparse.Namespace) -> int:
               f"{human_size(st['budget_bytes'])} budget, {st['entries']['narinfo']} paths, "
               f"{human_size(st['pinned_bytes'])} pinned"
               + (" [red]DISK FULL[/]" if st["disk_full"] else ""))
+    node = st.get("node_store") or {"mode": "off"}
+    realising = node["mode"] != "off"
+    if realising:
+        out.print(_node_store_line(node))
     table = Table(_whole("environment"), "generation", "paths", "size", "present",
-                  _whole("pinned by"))
+                  _whole("pinned by"), *(["in node store"] if realising else []))
     for e in envs:
-        table.add_row(escape(e["ref"]), str(e["generation"] or "-"),
-                      f"{e['paths_present']}/{e['paths']}", human_size(e["closure_bytes"]),
-                      "yes" if e["complete"] else human_size(e["present_bytes"]),
-                      escape(", ".join(e["pinned_by"]) or "-"))
+        row = [escape(e["ref"]), str(e["generation"] or "-"),
+               f"{e['paths_present']}/{e['paths']}", human_size(e["closure_bytes"]),
+               "yes" if e["complete"] else human_size(e["present_bytes"]),
+               escape(", ".join(e["pinned_by"]) or "-")]
+        if realising:
+            row.append("yes" if e.get("node_realised") else
+                       human_size(e["node_rooted_bytes"]) if e.get("node_rooted_bytes")
+                       else "no")
+        table.add_row(*row)
     out.print(table)
     return exits.OK
 
@@ -253,6 +262,19 @@ async def unpin(args: argparse.Namespace) -> int:
         return _error(str(result.get("error", result)), exits.FAILED)
     print(f"unpinned {name}")
     return exits.OK
+
+
+def _node_store_line(node: dict) -> str:
+    """The node's own Nix store: rooted bytes of the budget, and what is wrong if anything."""
+    line = (f"node store: {human_size(node['rooted_bytes'])} rooted of "
+            f"{human_size(node['budget_bytes'])} budget, {node['rooted_paths']} paths")
+    if node["over_budget"]:
+        line += f", [yellow]over budget (not rooted): {escape(', '.join(node['over_budget']))}[/]"
+    if node["state"] == "error":
+        line += f" [red]{node['reason']}: {escape(node['error'])}[/]"
+    for holder, error in node.get("holder_errors", {}).items():
+        line += f"\n  [red]{escape(holder)}: {escape(error)}[/]"
+    return line
 
 
 async def gc(args: argparse.Namespace) -> int:

@@ -165,6 +165,19 @@ class Config:
                               default_text="empty: off")
     warm_taint_timeout: float = setting(600.0, "remove the warm taint after this long even if "
                                         "not warm", metavar="SECONDS", above=0)
+    realise_into_node: str = setting(
+        "off", "pinned: make pinned closures valid in the node's own Nix store through its "
+        "nix-daemon, GC-rooted while pinned", choices=("off", "pinned"))
+    nix_daemon_socket: Path = setting(
+        Path("/nix/var/nix/daemon-socket/socket"), "the node's nix-daemon socket, reached as an "
+        "untrusted (non-root) client: as root, the node-relay's socket", metavar="PATH")
+    node_gcroots_dir: Path = setting(
+        Path("/nix/var/nix/gcroots/flox-node-cache"), "where the agent's GC roots in the node's "
+        "store live, at the same path on the host", metavar="DIR")
+    node_realise_budget: str = setting(
+        "10%", "most NarSize rooted in the node's store: a size (20G) or a share of the "
+        "filesystem holding --node-gcroots-dir; the oldest pins lose their roots first",
+        metavar="SIZE|PCT", check=_budget_check)
     log_format: str = setting("text", "log format", choices=("text", "json"))
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
 

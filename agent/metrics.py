@@ -93,6 +93,30 @@ GENERATION_CHANGES = Counter(f"{P}_floxhub_generation_changes_total",
 KUBE_WATCH_RESTARTS = Counter(f"{P}_kube_watch_restarts_total",
                               "Kubernetes watches restarted", ["resource", "reason"])
 
+# --- the node's own Nix store (agent/node) ---------------------------------------------------
+NODE_REALISATIONS = Counter(f"{P}_node_realisations_total",
+                            "Top-level store paths realised and rooted in the node's Nix store")
+NODE_REALISE_DURATION = Histogram(f"{P}_node_realise_duration_seconds",
+                                  "Time to realise and root one top-level path through the "
+                                  "node's nix-daemon", buckets=UPSTREAM_LATENCY)
+NODE_REALISE_FAILURES = Counter(f"{P}_node_realise_failures_total",
+                                "Failed attempts to realise into the node's Nix store, by reason",
+                                ["reason"])
+NODE_COPIED_PATHS = Counter(f"{P}_node_copied_paths_total",
+                            "Store paths made valid in the node's store (not valid before)")
+NODE_ROOTED_PATHS = Gauge(f"{P}_node_rooted_paths",
+                          "Store paths of the node's store kept alive by the agent's GC roots")
+NODE_ROOTED_BYTES = Gauge(f"{P}_node_rooted_bytes",
+                          "NarSize of the store paths the agent's GC roots keep in the node's "
+                          "store")
+NODE_REALISE_BUDGET = Gauge(f"{P}_node_realise_budget_bytes",
+                            "Most NarSize the agent roots in the node's store")
+NODE_OVER_BUDGET = Gauge(f"{P}_node_over_budget_holders",
+                         "Pin holders left without node roots by the realise budget")
+NODE_REALISE_REASONS = ("socket_missing", "daemon_unreachable", "trusted_connection",
+                        "not_substitutable", "refused", "substituter_error", "timeout",
+                        "nix_missing", "roots_dir", "failed")
+
 
 def initialise() -> None:
     """Create every known label combination at zero, so `rate()` and `increase()` see the first
@@ -112,3 +136,5 @@ def initialise() -> None:
     for outcome in ("ok", "rejected", "error"):
         RECOMPRESSIONS.labels(outcome)
     EVICTIONS.labels("nar")
+    for reason in NODE_REALISE_REASONS:
+        NODE_REALISE_FAILURES.labels(reason)

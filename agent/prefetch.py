@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent import metrics
@@ -127,7 +127,11 @@ class Prefetcher:
 
     def __init__(self, store: Store, readthrough: ReadThrough, floxhub: FloxHub | None, *,
                  system: str | None = None, concurrency: int = 8,
-                 on_resolved: Callable[[ResolvedEnv], None] = lambda resolved: None) -> None:
+                 on_resolved: Callable[[ResolvedEnv], None] = lambda resolved: None,
+                 on_pinned_complete: Callable[["Job"], None] = lambda job: None,
+                 on_unpinned: Callable[[str], None] = lambda holder: None,
+                 node_status: Callable[[str], Awaitable[dict[str, object]]] | None = None) \
+            -> None:
         self.store = store
         self.readthrough = readthrough
         self.floxhub = floxhub
@@ -137,6 +141,11 @@ class Prefetcher:
         self._running: dict[tuple[str, str], Job] = {}
         # Called with each environment resolved through FloxHub (the generation watch listens).
         self._on_resolved = on_resolved
+        # Told of each job that succeeded with pins, and each holder unpinned (the node
+        # realiser listens); node_status(holder) says where it stands in the node's store.
+        self._on_pinned_complete = on_pinned_complete
+        self._on_unpinned = on_unpinned
+        self.node_status = node_status
         self._stopping = False
 
     async def __aenter__(self) -> "Prefetcher":
@@ -182,6 +191,7 @@ class Prefetcher:
             job.pins.discard(holder)
         removed = self.store.pins.release(holder)
         self.store.update_gauges()
+        self._on_unpinned(holder)
         return removed
 
     def environments(self) -> list[EnvironmentReport]:
@@ -259,6 +269,8 @@ class Prefetcher:
                 "job": job.id, "target": label, "state": job.state, "error": job.error,
                 **job.progress.to_json()}})
             job._done.set()
+            if job.pins and job.state == "succeeded":
+                self._on_pinned_complete(job)
 
     async def _roots(self, job: Job) -> list[str]:
         t = job.target

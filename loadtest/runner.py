@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest import closures
+from loadtest import closures, node_realise
 from loadtest import scenarios as sc
 from loadtest.baselines import Nginx
 from loadtest.closures import Caches, Environments, Profile
@@ -82,6 +82,9 @@ async def run(opts: Options, envs: Environments, caches: Caches) -> Run:
             await rollout(r, mode)
             rss(r, mode)
         compare_modes(r)
+        r.out += await node_realise.pod_starts(r.tmp("node-realise"), up.url,
+                                               caches.uncompressed, r.keys,
+                                               {"web": envs.web, "ml": envs.ml})
     shutil.rmtree(opts.workdir / "tmp", ignore_errors=True)
     return r
 

@@ -145,10 +145,13 @@ class Reporter:
         self.custom, self.core, self.obj, self.node = custom, core, obj, node_name
         self.name = obj["metadata"]["name"]
 
-    async def status(self, phase: str, jobs: list[Job], message: str = "") -> None:
+    async def status(self, phase: str, jobs: list[Job], message: str = "",
+                     node_store: Obj | None = None) -> None:
         entry: Obj = {"phase": phase, **_totals(jobs), "message": message,
                       "lastUpdate": now_rfc3339(),
                       "observedGeneration": int(self.obj["metadata"].get("generation") or 1)}
+        if node_store is not None:
+            entry["nodeStore"] = node_store
         await self._patch({"status": {"nodes": {self.node: entry}}})
 
     async def clear(self) -> None:
@@ -206,8 +209,13 @@ class PrewarmWork:
         if failed:
             await self._fail(jobs, "; ".join(f"{j.ref}: {j.error or 'failed'}" for j in failed))
         else:
-            await self.report.status("Ready", jobs, "ready after the deadline" if late else "")
-            self.h.warmth.ready(self.name)
+            message = "ready after the deadline" if late else ""
+            await self.report.status("Ready", jobs, message)
+            # Realised into the node's own Nix store (agent/node): reported once settled.
+            node_status = getattr(self.h.prewarmer, "node_status", None)
+            if node_status is not None and self.spec.get("pin", True):
+                await self.report.status("Ready", jobs, message, await node_status(holder))
+            self.h.warmth.ready(self.name)  # after realisation: warm means realised too
 
     async def _start_jobs(self, holder: str) -> list[Job]:
         pin = holder if self.spec.get("pin", True) else None

@@ -80,6 +80,7 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def routes(prefetcher: Prefetcher, status_report: Callable[[], dict[str, object]],
+           environments_report: Callable[[], list[dict[str, object]]],
            collect_garbage: Callable[..., Awaitable[GcResult]]) -> list[web.RouteDef]:
 
     async def prewarm(request: web.Request) -> web.Response:
@@ -124,7 +125,7 @@ def routes(prefetcher: Prefetcher, status_report: Callable[[], dict[str, object]
         return _json([j.to_json() for j in prefetcher.jobs.values()])
 
     async def environments(request: web.Request) -> web.Response:
-        return _json([e.to_json() for e in prefetcher.environments()])
+        return _json(environments_report())
 
     async def unpin(request: web.Request) -> web.Response:
         ref = request.match_info["ref"]

@@ -732,12 +732,13 @@ def test_node_config_init_container_wiring() -> None:
     env = {e["name"]: e["value"] for e in init["env"]}
     assert volumes[mounts[env["NIX_CONF_DIR"]]]["hostPath"] == {"path": "/etc/nix",
                                                                  "type": "Directory"}
-    assert env["HOST_NIX_CONF_DIR"] == "/etc/nix"
+    assert "HOST_NIX_CONF_DIR" not in env  # a relative include: right whatever the host path
     script_path = Path(init["command"][-1])
     assert volumes[mounts[str(script_path.parent)]]["configMap"]["name"].startswith(
         "flox-node-cache-node-config")
     assert init["image"] == agent_container("base+node-config")["image"]
-    assert env["SUBSTITUTER"] == "http://127.0.0.1:37515?priority=10"
+    assert env["SUBSTITUTER"] == "http://127.0.0.1:37515?priority=-1"
+    assert env["FILE_STORE"] == "file:///var/lib/flox-node-cache?priority=-2"
 
 
 def run_node_config(nix_dir: Path, script: str) -> subprocess.CompletedProcess[str]:
@@ -762,7 +763,8 @@ def test_node_config_is_idempotent_and_backs_up(tmp_path: Path) -> None:
     assert (tmp_path / "nix.conf.bak-flox-node-cache").read_text() == ORIGINAL_NIX_CONF
     assert (tmp_path / "nix.conf").stat().st_mode & 0o777 == 0o644
     dropin = (tmp_path / "flox-node-cache.conf").read_text()
-    assert "extra-substituters = http://127.0.0.1:37515?priority=10\n" in dropin
+    assert ("extra-substituters = file:///var/lib/flox-node-cache?priority=-2 "
+            "http://127.0.0.1:37515?priority=-1\n") in dropin
     assert all(k in dropin for k in UPSTREAM_KEYS.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "flox-node-cache.conf", "nix.conf", "nix.conf.bak-flox-node-cache"]  # no temp files
@@ -780,7 +782,8 @@ def test_node_config_is_read_by_real_nix(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env, timeout=30, check=True).stdout
     settings = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
     assert settings["substituters"].split() == [
-        "https://cache.nixos.org", "http://127.0.0.1:37515?priority=10"]
+        "https://cache.nixos.org", "file:///var/lib/flox-node-cache?priority=-2",
+        "http://127.0.0.1:37515?priority=-1"]
     assert set(UPSTREAM_KEYS.values()) <= set(settings["trusted-public-keys"].split())
 
 
@@ -801,7 +804,8 @@ def test_node_config_leaves_a_symlinked_nix_conf_alone(tmp_path: Path) -> None:
     (nix_dir / "nix.conf").symlink_to(target)
     result = run_node_config(nix_dir, script)
     assert result.returncode == 0
-    assert "extra-substituters = http://127.0.0.1:37515?priority=10" in result.stdout
+    assert "extra-substituters = file:///var/lib/flox-node-cache?priority=-2 " \
+        "http://127.0.0.1:37515?priority=-1" in result.stdout
     assert target.read_text() == ORIGINAL_NIX_CONF
     assert [p.name for p in nix_dir.iterdir()] == ["nix.conf"]
 
@@ -809,10 +813,9 @@ def test_node_config_leaves_a_symlinked_nix_conf_alone(tmp_path: Path) -> None:
 def test_node_config_runs_as_root_without_capabilities(tmp_path: Path) -> None:
     script, _ = shipped_node_config_script()
     (tmp_path / "nix.conf").write_text(ORIGINAL_NIX_CONF + "\n")
-    result = run_without_capabilities(script, {"NIX_CONF_DIR": str(tmp_path),
-                                               "HOST_NIX_CONF_DIR": "/etc/nix"}, groups="0")
+    result = run_without_capabilities(script, {"NIX_CONF_DIR": str(tmp_path)}, groups="0")
     assert result.returncode == 0, result.stderr
-    assert "!include /etc/nix/flox-node-cache.conf" in (tmp_path / "nix.conf").read_text()
+    assert "!include flox-node-cache.conf" in (tmp_path / "nix.conf").read_text()
 
 
 # --- scripts and the image ------------------------------------------------------------------

@@ -41,6 +41,8 @@ MAY_BE_EMPTY = {
     "Store/Write errors and scrub/A": "no store write fails (disk full needs a full disk)",
     "Prewarm/FloxHub resolve latency p99/A": "prewarms by store paths resolve nothing on FloxHub",
     "Agent health/Kubernetes watch restarts/A": "the agent runs with --kubernetes off",
+    "Prewarm/Node store realise time p99/A": "the agent runs with --realise-into-node off "
+                                             "(tests/node covers realisation)",
 }
 # Queries that return series, legitimately all zero after the test traffic, and why. Every
 # other exercised query must show a value above zero.
@@ -53,6 +55,10 @@ MAY_BE_ZERO = {
     "Prewarm/Prewarm bytes remaining/A": "both prewarms finish",
     "Prewarm/New generations/A": "no FloxHub generation watch runs",
     "Agent health/Process restarts/A": "the agent is not restarted",
+    "Prewarm/Node store realisations/A": "the agent runs with --realise-into-node off",
+    "Prewarm/Node store realisations/B": "the agent runs with --realise-into-node off",
+    "Prewarm/Node store rooted vs budget/A": "the agent runs with --realise-into-node off",
+    "Prewarm/Node store rooted vs budget/B": "the agent runs with --realise-into-node off",
 }
 
 

@@ -63,7 +63,7 @@ def test_prometheusrule_groups_pass_promtool_check_rules(tmp_path: Path) -> None
     assert {r["alert"] for g in groups for r in g["rules"]} >= {
         "FloxNodeCacheDown", "FloxNodeCacheStoreNearBudget", "FloxNodeCacheUpstreamErrors",
         "FloxNodeCacheVerificationFailures", "FloxNodeCacheLowHitRatio",
-        "FloxNodeCacheDiskFull"}
+        "FloxNodeCacheDiskFull", "FloxNodeCacheNodeRealiseFailing"}
     for g in groups:
         for rule in g["rules"]:
             assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
@@ -133,6 +133,14 @@ CASES = {
          ('flox_node_cache_lookups_total{job="flox-node-cache", node="idle", kind="nar", '
           'source="upstream"}', "0+5x150")],
         [("FloxNodeCacheLowHitRatio", "140m", [_alert("info")])]),
+    "node realisation failing for 15m alerts, one failed attempt does not": _case(
+        [(f'flox_node_cache_node_realise_failures_total{{{L}, reason="not_substitutable"}}',
+          "0+2x60"),
+         ('flox_node_cache_node_realise_failures_total{job="flox-node-cache", node="n2", '
+          'reason="refused"}', "0 1x60")],
+        [("FloxNodeCacheNodeRealiseFailing", "10m", []),
+         ("FloxNodeCacheNodeRealiseFailing", "40m",
+          [_alert("warning", reason="not_substitutable")])]),
     "disk full for 2m": _case(
         [(f"flox_node_cache_store_disk_full{{{L}}}", "0 0 1x10")],
         [("FloxNodeCacheDiskFull", "3m", []),
