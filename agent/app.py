@@ -26,7 +26,8 @@ from agent import __version__, metrics
 from agent.config import Config
 from agent.logs import request_id
 from agent.runtime import Agent
-from agent.serve import admin, cache, health
+from agent.serve import admin, cache, health, listeners
+from agent.store import lock
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -150,6 +151,8 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     _limit_malloc_arenas()
     metrics.BUILD_INFO.info({"version": __version__})
     metrics.initialise()
+    locks = lock.acquire(config.store, config.socket)  # before recovery touches .tmp/
+    limits, metrics_limits = listeners.prepare_limits(config)
     agent = Agent.build(config)
     await agent.start()
     runners: list[web.AppRunner] = []
@@ -169,12 +172,14 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     try:
         _prepare_socket(config.socket)
         await start(cache_app(agent, "unix", with_admin=True),
-                    lambda r: web.UnixSite(r, str(config.socket)))
+                    lambda r: listeners.unix_site(r, "unix", config.socket, limits))
         _secure_socket(config.socket, config.socket_group)
         host, port = config.listen_addr
-        await start(cache_app(agent, "tcp", with_admin=False), lambda r: web.TCPSite(r, host, port))
+        await start(cache_app(agent, "tcp", with_admin=False),
+                    lambda r: listeners.tcp_site(r, "tcp", host, port, limits))
         mhost, mport = config.metrics_addr
-        await start(metrics_app(agent), lambda r: web.TCPSite(r, mhost, mport))
+        await start(metrics_app(agent),
+                    lambda r: listeners.tcp_site(r, "metrics", mhost, mport, metrics_limits))
         tasks += [asyncio.create_task(t) for t in agent.background()]
         tasks.append(asyncio.create_task(_periodic(5, agent.store.index.flush_access, "access")))
         log.info("agent ready", extra={"fields": {
@@ -195,4 +200,5 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
             config.socket.unlink()
         for leftover in agent.store.layout.tmp.iterdir():
             leftover.unlink(missing_ok=True)
+        locks.release()
         log.info("stopped")

@@ -69,6 +69,16 @@ def _run_options(p: argparse.ArgumentParser) -> None:
       help="how long an upstream stays out of use (default 30)")
     a("--negative-ttl", type=float, metavar="SECONDS",
       help="how long a path no upstream has is remembered as missing (default 30)")
+    a("--max-connections", type=int, metavar="N",
+      help="client connections per cache listener (TCP, and the socket); at the cap the oldest "
+      "idle one is closed, or the new one answered 503; lowered to fit the open-file limit "
+      "(default 1024)")
+    a("--header-timeout", type=float, metavar="SECONDS",
+      help="a client must send its request headers within this time (default 10)")
+    a("--keepalive-timeout", type=float, metavar="SECONDS",
+      help="an idle keep-alive connection is closed after this time (default 30)")
+    a("--client-stall-timeout", type=float, metavar="SECONDS",
+      help="a NAR transfer whose client reads nothing for this long is dropped (default 60)")
     a("--prefetch-concurrency", type=int, metavar="N", help="parallel fetches per prewarm "
       "(default 8)")
     a("--floxhub-git-url", metavar="URL",

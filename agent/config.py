@@ -50,6 +50,10 @@ class Config:
     circuit_failures: int = 3
     circuit_cooldown: float = 30.0
     negative_ttl: float = 30.0
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 30.0
+    client_stall_timeout: float = 60.0
     prefetch_concurrency: int = 8
     floxhub_git_url: str = "https://api.flox.dev/git"
     floxhub_token_file: Path | None = None
@@ -92,6 +96,11 @@ class Config:
         _choice("log-format", self.log_format, ("text", "json"))
         _choice("log-level", self.log_level, ("debug", "info", "warning", "error"))
         _choice("kubernetes", self.kubernetes, ("auto", "on", "off"))
+        if self.max_connections < 1:
+            raise ConfigError("max-connections must be at least 1")
+        for name in ("header_timeout", "keepalive_timeout", "client_stall_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive number of seconds")
         if not 0 < self.gc_low_watermark < self.gc_high_watermark <= 1:
             raise ConfigError("watermarks must satisfy 0 < low < high <= 1")
         try:

@@ -92,7 +92,8 @@ async def _local_nar(agent: Agent, request: web.Request, file: str,
     agent.serving[file] += 1
     sent = 0
     try:
-        resp, sent = await send_file(request, agent.store.nar_path(file), NAR_TYPE)
+        resp, sent = await send_file(request, agent.store.nar_path(file), NAR_TYPE,
+                                     stall_timeout=agent.config.client_stall_timeout)
     except (OSError, ClientStalled, EOFError) as e:
         log.info("local nar send aborted", extra={"fields": {"file": file, "error": str(e)}})
         raise web.HTTPInternalServerError() from None

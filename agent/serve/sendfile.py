@@ -2,31 +2,43 @@
 
 uvloop does not implement `loop.sendfile`, so aiohttp's FileResponse falls back to reading
 chunks into Python and writing them through the event loop: two copies per byte and buffers per
-client. Here the headers go out through aiohttp, then a worker thread runs `os.sendfile` from the
-file to the connection's socket, waiting for the socket to drain with poll(2) on its own: the
-event loop never sees those bytes. The transport's own buffer is empty before the thread starts
-and nothing else writes to the connection until it ends (HTTP/1.1 answers one request at a time);
-the thread uses its own duplicate of the socket descriptor (see below).
+client. Here the headers go out through aiohttp, then worker threads run `os.sendfile` from the
+file to the connection's non-blocking socket as long as it has room, and the event loop waits
+(add_writer, no thread) for the client to read more: the event loop never sees those bytes, and
+a client that stops reading holds no thread; after `stall_timeout` seconds without progress its
+transfer is dropped. The transport's own buffer is empty before sending starts and nothing else
+writes to the connection until it ends (HTTP/1.1 answers one request at a time); the sends use
+their own duplicate of the socket descriptor (see below).
 """
 
 import asyncio
 import contextlib
 import os
-import select
 import socket
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
 
-# One thread per transfer in progress; a transfer spends its time blocked in the kernel.
-SENDFILE_POOL = ThreadPoolExecutor(max_workers=128, thread_name_prefix="fnc-sendfile")
+from agent import metrics
+
+# Threads copy only while a client's socket has room; waiting for a client happens in the event
+# loop, so clients that stop reading hold no thread. Opening a file (which may wait on the disk)
+# has its own threads, so a busy sending pool never delays the next request's open.
+SENDFILE_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fnc-sendfile")
+OPEN_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fnc-open")
 MAX_STEP = 16 << 20
 SEND_BUFFER = 4 << 20
 
 
 class ClientStalled(Exception):
     pass
+
+
+def _stalled(timeout: float) -> ClientStalled:
+    metrics.STALLED_SENDS.inc()
+    return ClientStalled(f"client read nothing for {timeout:.0f}s")
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -64,31 +76,78 @@ def _widen_send_buffer(sock_fd: int) -> None:
             s.close()
 
 
-def _sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int, timeout: float) -> int:
-    """Blocking loop of os.sendfile on a non-blocking socket (runs in a worker thread)."""
-    poller = select.poll()
-    poller.register(sock_fd, select.POLLOUT)
+def _send_available(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """os.sendfile until the socket's buffer is full or `count` bytes are out (a worker thread;
+    the socket is non-blocking, so this never waits on the client)."""
     sent = 0
     while sent < count:
         try:
             n = os.sendfile(sock_fd, file_fd, offset + sent, min(count - sent, MAX_STEP))
         except BlockingIOError:
-            n = -1
+            break
         if n == 0:
             raise EOFError("the file is shorter than its size")
-        if n > 0:
-            sent += n
-            continue
-        if not poller.poll(timeout * 1000):
-            raise ClientStalled(f"client did not read for {timeout:.0f}s")
+        sent += n
     return sent
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock_fd: int, timeout: float) -> None:
+    """Wait in the event loop, holding no thread, until the client has read some of what was
+    sent; ClientStalled after `timeout` seconds without that."""
+    ready = loop.create_future()
+    loop.add_writer(sock_fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        raise _stalled(timeout) from None
+    finally:
+        loop.remove_writer(sock_fd)
+
+
+def _reset(sock_fd: int) -> None:
+    """Make the coming close a reset: the kernel drops what is still queued for the client
+    instead of holding it (and its memory) until a stalled client reads it."""
+    with contextlib.suppress(OSError):
+        s = socket.socket(fileno=os.dup(sock_fd))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            s.close()
+
+
+async def _headers_sent(transport: asyncio.Transport, timeout: float) -> None:
+    """Wait until the transport's buffer (the headers) is out, so the body follows them."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while transport.get_write_buffer_size():
+        if asyncio.get_running_loop().time() > deadline:
+            raise _stalled(timeout)
+        await asyncio.sleep(0.001)
+
+
+async def _sendfile(sock_fd: int, file_fd: int, offset: int, count: int,
+                    stall_timeout: float) -> int:
+    loop = asyncio.get_running_loop()
+    sent = 0
+    while True:
+        sending = loop.run_in_executor(SENDFILE_POOL, _send_available, sock_fd, file_fd,
+                                       offset + sent, count - sent)
+        try:
+            sent += await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            # The caller closes both descriptors next; a number closed under a running send
+            # could be reused at once by another file or connection.
+            await asyncio.wait([sending])
+            raise
+        if sent >= count:
+            return sent
+        await _writable(loop, sock_fd, stall_timeout)
 
 
 async def send_file(request: web.Request, path: Path, content_type: str, *,
                     stall_timeout: float = 60.0) -> tuple[web.StreamResponse, int]:
     """Send `path` (honouring Range); returns the response and the body bytes sent."""
     loop = asyncio.get_running_loop()
-    fd = await loop.run_in_executor(SENDFILE_POOL, os.open, path, os.O_RDONLY)
+    fd = await loop.run_in_executor(OPEN_POOL, os.open, path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         span = _byte_range(request, size)
@@ -105,17 +164,16 @@ async def send_file(request: web.Request, path: Path, content_type: str, *,
         sock = transport.get_extra_info("socket") if transport else None
         if transport is None or sock is None:
             raise ConnectionResetError("client went away")
-        while transport.get_write_buffer_size():  # headers still queued in the transport
-            await asyncio.sleep(0.001)
-        # The thread writes to a duplicate of the socket: if the client goes away and the
+        # The threads write to a duplicate of the socket: if the client goes away and the
         # transport closes its descriptor, the number may be reused by a new connection at
         # once, and bytes must never land there.
         sock_fd = os.dup(sock.fileno())
         try:
+            await _headers_sent(transport, stall_timeout)
             _widen_send_buffer(sock_fd)
-            sent = await loop.run_in_executor(SENDFILE_POOL, _sendfile_all, sock_fd, fd,
-                                              start, stop - start, stall_timeout)
+            sent = await _sendfile(sock_fd, fd, start, stop - start, stall_timeout)
         except (OSError, ClientStalled, EOFError):
+            _reset(sock_fd)
             transport.abort()  # a half-sent body must not look complete
             raise
         finally:
