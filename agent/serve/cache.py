@@ -11,7 +11,7 @@ from aiohttp import web
 from agent import metrics
 from agent.nix.storepath import is_hash_part
 from agent.runtime import Agent
-from agent.serve.sendfile import ClientStalled, send_file
+from agent.serve.sendfile import ClientStalled, abort, send_file, write_or_stall
 from agent.store.layout import is_nar_file
 from agent.upstream.fetch import Transfer, UpstreamUnavailable
 
@@ -115,14 +115,14 @@ async def _stream_nar(agent: Agent, request: web.Request, transfer: Transfer, jo
         metrics.COALESCED_WAITERS.inc()
     try:
         async for chunk in transfer.stream():
-            await resp.write(chunk)
+            await write_or_stall(resp, chunk, agent.config.client_stall_timeout)
             sent += len(chunk)
-    except Exception as e:  # upstream error, verification failure, store full without fallback
+    except Exception as e:  # upstream error, verification failure, store full, stalled client
         # Headers are out: the only honest signal left is a broken connection.
         log.warning("nar stream aborted", extra={"fields": {"file": transfer.nar.file,
                                                             "sent": sent, "error": str(e)}})
         if request.transport is not None:
-            request.transport.abort()
+            abort(request.transport)
         raise web.HTTPInternalServerError() from None
     finally:
         if joined:

@@ -104,15 +104,15 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock_fd: int, timeout: floa
         loop.remove_writer(sock_fd)
 
 
-def _reset(sock_fd: int) -> None:
-    """Make the coming close a reset: the kernel drops what is still queued for the client
-    instead of holding it (and its memory) until a stalled client reads it."""
-    with contextlib.suppress(OSError):
-        s = socket.socket(fileno=os.dup(sock_fd))
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        finally:
-            s.close()
+def abort(transport: asyncio.BaseTransport) -> None:
+    """Break off a half-sent response with a reset, so that it cannot look complete, and so
+    that the kernel drops what is still queued instead of holding it (and its memory) until a
+    stalled client reads it."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def _headers_sent(transport: asyncio.Transport, timeout: float) -> None:
@@ -141,6 +141,16 @@ async def _sendfile(sock_fd: int, file_fd: int, offset: int, count: int,
         if sent >= count:
             return sent
         await _writable(loop, sock_fd, stall_timeout)
+
+
+async def write_or_stall(resp: web.StreamResponse, data: bytes, timeout: float) -> None:
+    """resp.write, or ClientStalled when the client reads nothing for `timeout` seconds (a
+    write waits for the transport to drain)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await resp.write(data)
+    except TimeoutError:
+        raise _stalled(timeout) from None
 
 
 async def send_file(request: web.Request, path: Path, content_type: str, *,
@@ -173,8 +183,7 @@ async def send_file(request: web.Request, path: Path, content_type: str, *,
             _widen_send_buffer(sock_fd)
             sent = await _sendfile(sock_fd, fd, start, stop - start, stall_timeout)
         except (OSError, ClientStalled, EOFError):
-            _reset(sock_fd)
-            transport.abort()  # a half-sent body must not look complete
+            abort(transport)
             raise
         finally:
             os.close(sock_fd)

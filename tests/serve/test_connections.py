@@ -234,6 +234,28 @@ def test_stalled_readers_of_one_nar_do_not_delay_another_and_are_dropped(
             s.close()
 
 
+@pytest.mark.parametrize("started", [(("--client-stall-timeout", "3"), None)], indirect=True)
+def test_stalled_readers_of_a_nar_being_fetched_are_dropped_and_the_fetch_completes(
+        started: AgentProcess, big_path_closure: Closure) -> None:
+    agent = started
+    status, body = _http_get(f"{agent.url}/{hash_part(big_path_closure.roots[0])}.narinfo")
+    assert status == 200
+    url = next(line[5:] for line in body.decode().splitlines() if line.startswith("URL: "))
+    stalled = _connect_many(agent.port, 20, rcvbuf=4096)
+    try:
+        for s in stalled:  # the first starts the upstream fetch, the others join it
+            s.sendall(f"GET /{url} HTTP/1.1\r\nHost: agent\r\n\r\n".encode())
+        time.sleep(3 + 2)
+        assert all(_closed_by_server(s, 1) for s in stalled)
+        assert agent.metric("flox_node_cache_stalled_sends_total") >= 20
+    finally:
+        for s in stalled:
+            s.close()
+    status, nar = _http_get(f"{agent.url}/{url}")
+    assert status == 200 and nar
+    assert agent.metric("flox_node_cache_lookups_total", kind="nar", source="local") == 1
+
+
 STATUS = b"GET /v1/status HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
 
 
