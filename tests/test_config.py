@@ -42,6 +42,9 @@ def test_every_setting_has_a_flag() -> None:
     ({"recompress_level": 99}, "zstd level"),
     ({"kubernetes": "on"}, "node name"),
     ({"signing_key_file": "/nonexistent/key"}, "signing key file"),
+    ({"max_connections": 0}, "max-connections"),
+    ({"header_timeout": 0}, "header-timeout"),
+    ({"client_stall_timeout": -1}, "client-stall-timeout"),
 ])
 def test_invalid_settings_are_rejected_with_a_clear_message(flags: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -251,6 +251,7 @@ class _Connection(asyncio.Protocol):
         self.listener = listener
         self.handler = handler
         self.transport: asyncio.Transport | None = None
+        self.closed = False
         self.busy = 0  # requests being handled (aiohttp handles one at a time)
         self.receiving = False  # bytes of a next request arrived since the last one ended
         self.since = listener.loop.time()  # connected, or last request ended
@@ -263,6 +264,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.handler.connection_made(transport)
+        if self.closed:  # closed while it was being set up
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if not self.busy and not self.receiving:
@@ -295,6 +298,7 @@ class _Connection(asyncio.Protocol):
             self._expire_at(self.since + self.listener.limits.keepalive_timeout, "idle_timeout")
 
     def close(self, reason: str) -> None:
+        self.closed = True
         self.listener.forget(self, reason)
         if self.transport is not None:
             self.transport.abort()  # nothing is owed to it; free the descriptor now

@@ -141,6 +141,8 @@ def test_a_thousand_idle_connections_starve_nothing_and_are_closed(
         started: AgentProcess, small_closure: Closure) -> None:
     agent = started
     assert _nofile_limits(agent) == (256, 256)  # the agent raised its own soft limit
+    assert any(r.get("msg") == "max-connections lowered to fit the open-file limit"
+               for r in agent.log_records())
     root = hash_part(small_closure.roots[0])
     _cache_nar(agent, small_closure.roots[0])
 
@@ -319,6 +321,15 @@ def test_a_second_agent_on_the_same_store_or_socket_refuses_to_start(
     # The lock dies with its holder: the store is usable again at once.
     with _agent(tmp_path, upstream_server, key) as again:
         _assert_everything_answers(again, hash_part(small_closure.roots[0]))
+
+
+def test_too_low_an_open_file_limit_is_a_clear_error(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str]) -> None:
+    agent = _agent(tmp_path, upstream_server, signing_key[1], nofile="128:128")
+    result = _run_second(agent)
+    assert result.returncode == 2
+    assert "open-file limit (128) is too low" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path: Path, upstream_server: UpstreamServer,
