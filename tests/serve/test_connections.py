@@ -209,7 +209,9 @@ def test_a_slowloris_of_300_connections_starves_nothing_and_is_closed(
             s.close()
 
 
-STALL = (("--client-stall-timeout", "8"), None)
+# Short connection deadlines: a running transfer must not be cut by them, only by the stall.
+STALL = (("--client-stall-timeout", "8", "--header-timeout", "2", "--keepalive-timeout", "2"),
+         None)
 
 
 @pytest.mark.parametrize("started", [STALL], indirect=True)
@@ -231,6 +233,8 @@ def test_stalled_readers_of_one_nar_do_not_delay_another_and_are_dropped(
         time.sleep(8)
         assert all(_closed_by_server(s, 1) for s in stalled)
         assert agent.metric("flox_node_cache_stalled_sends_total") >= 200
+        assert agent.metric("flox_node_cache_connections_closed_total", listener="tcp",
+                            reason="header_timeout") == 0
     finally:
         for s in stalled:
             s.close()
