@@ -14,6 +14,7 @@ their own duplicate of the socket descriptor (see below).
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,9 @@ from agent import metrics
 SENDFILE_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fnc-sendfile")
 OPEN_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fnc-open")
 MAX_STEP = 16 << 20
+# A client that keeps up makes room within this; the thread waits that long rather than hand
+# back to the event loop on every drained buffer. Longer waits happen in the loop, threadless.
+BRIEF_WAIT_MS = 20
 SEND_BUFFER = 4 << 20
 
 
@@ -77,13 +81,17 @@ def _widen_send_buffer(sock_fd: int) -> None:
 
 
 def _send_available(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-    """os.sendfile until the socket's buffer is full or `count` bytes are out (a worker thread;
-    the socket is non-blocking, so this never waits on the client)."""
+    """os.sendfile until `count` bytes are out or the client has not made room for BRIEF_WAIT
+    (a worker thread; the socket is non-blocking)."""
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
     sent = 0
     while sent < count:
         try:
             n = os.sendfile(sock_fd, file_fd, offset + sent, min(count - sent, MAX_STEP))
         except BlockingIOError:
+            if poller.poll(BRIEF_WAIT_MS):
+                continue
             break
         if n == 0:
             raise EOFError("the file is shorter than its size")
