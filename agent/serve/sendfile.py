@@ -81,7 +81,7 @@ def _widen_send_buffer(sock_fd: int) -> None:
 
 
 def _send_available(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-    """os.sendfile until `count` bytes are out or the client has not made room for BRIEF_WAIT
+    """os.sendfile until `count` bytes are out or the client has not made room for BRIEF_WAIT_MS
     (a worker thread; the socket is non-blocking)."""
     poller = select.poll()
     poller.register(sock_fd, select.POLLOUT)
@@ -125,9 +125,10 @@ def abort(transport: asyncio.BaseTransport) -> None:
 
 async def _headers_sent(transport: asyncio.Transport, timeout: float) -> None:
     """Wait until the transport's buffer (the headers) is out, so the body follows them."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while transport.get_write_buffer_size():
-        if asyncio.get_running_loop().time() > deadline:
+        if loop.time() > deadline:
             raise _stalled(timeout)
         await asyncio.sleep(0.001)
 
