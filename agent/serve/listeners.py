@@ -23,6 +23,7 @@ clients do, and the caps are fitted to RLIMIT_NOFILE, whose soft limit is raised
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import socket
 from collections.abc import Callable
@@ -49,6 +50,7 @@ LINGER = 2.0
 ACCEPT_BATCH = 64  # connections accepted per wake-up, so the loop serves others in a burst
 RESERVED_FDS = 64  # index, logs, thread pools, git and its pipes
 MIN_CONNECTIONS = 8
+OPTIONS = {"unix": "--socket", "tcp": "--listen", "metrics": "--metrics-listen"}
 REASONS = ("header_timeout", "idle_timeout", "evicted", "refused")
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 44\r\n\r\n"
@@ -342,8 +344,9 @@ class _Site(web.BaseSite):
         try:
             sock = self._bind()
         except OSError as e:
-            raise ConfigError(f"cannot listen on {self._where} ({self._name} listener): "
-                              f"{e.strerror or e}") from None
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise ConfigError(f"cannot listen on {self._where} ({OPTIONS[self._name]}): "
+                              f"{reason}") from None
         self._server = Listener(self._name, self._runner.server, self._limits,  # type: ignore
                                 sock)
 
