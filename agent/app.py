@@ -34,8 +34,9 @@ from agent.logs import request_id
 from agent.node.realiser import NodeRealiser
 from agent.prefetch import Prefetcher
 from agent.readthrough import ReadThrough
-from agent.serve import admin, cache, health
+from agent.serve import admin, cache, health, listeners
 from agent.serve.sendfile import FileSender
+from agent.store import lock
 from agent.store.recompress import Recompressor
 from agent.store.store import Store
 from agent.upkeep import Upkeep, run_chores
@@ -100,7 +101,7 @@ async def build(config: Config) -> AsyncIterator[Parts]:
             negative_ttl=config.negative_ttl,
             on_committed=recompressor.submit if recompressor else lambda file: None)
         stack.push_async_callback(readthrough.aclose)
-        sender = FileSender()
+        sender = FileSender(config.client_stall_timeout)
         stack.callback(sender.close)
         floxhub = FloxHub(config.floxhub_git_url, store.layout.floxhub,
                           config.floxhub_token_file)
@@ -268,17 +269,22 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
+        # One agent per store and socket: the locks come before recovery touches .tmp/ or the
+        # socket is replaced, and go last.
+        stack.callback(lock.acquire(config.store, config.socket).release)
+        limits, metrics_limits = listeners.prepare_limits(config)
         parts = await stack.enter_async_context(build(config))
         _prepare_socket(config.socket)
         stack.callback(lambda: config.socket.unlink(missing_ok=True))
         await _listen(stack, cache_app(parts, "unix", with_admin=True),
-                      lambda r: web.UnixSite(r, str(config.socket)))
+                      lambda r: listeners.unix_site(r, "unix", config.socket, limits))
         _secure_socket(config.socket, config.socket_group)
         host, port = config.listen_addr
         await _listen(stack, cache_app(parts, "tcp", with_admin=False),
-                      lambda r: web.TCPSite(r, host, port))
+                      lambda r: listeners.tcp_site(r, "tcp", host, port, limits))
         mhost, mport = config.metrics_addr
-        await _listen(stack, metrics_app(parts), lambda r: web.TCPSite(r, mhost, mport))
+        await _listen(stack, metrics_app(parts),
+                      lambda r: listeners.tcp_site(r, "metrics", mhost, mport, metrics_limits))
         await _background(stack, parts.background)
         log.info("agent ready", extra={"fields": {
             "store": str(config.store), "socket": str(config.socket), "listen": config.listen,

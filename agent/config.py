@@ -141,6 +141,16 @@ class Config:
                                       metavar="SECONDS", above=0)
     negative_ttl: float = setting(30.0, "how long a path no upstream has is remembered as "
                                   "missing, 0 to not remember", metavar="SECONDS", at_least=0)
+    max_connections: int = setting(
+        1024, "client connections per cache listener (TCP, and the socket); at the cap the "
+        "oldest idle one is closed, or the new one answered 503; lowered to fit the open-file "
+        "limit", metavar="N", at_least=1)
+    header_timeout: float = setting(10.0, "a client must send its request headers within this "
+                                    "time", metavar="SECONDS", above=0)
+    keepalive_timeout: float = setting(30.0, "an idle keep-alive connection is closed after "
+                                       "this time", metavar="SECONDS", above=0)
+    client_stall_timeout: float = setting(60.0, "a NAR transfer whose client reads nothing for "
+                                          "this long is dropped", metavar="SECONDS", above=0)
     prefetch_concurrency: int = setting(8, "parallel fetches per prewarm", metavar="N",
                                         at_least=1)
     floxhub_git_url: str = setting("https://api.flox.dev/git", "FloxHub git base; remotes are "

@@ -32,6 +32,17 @@ SERVED_BYTES = Counter(f"{P}_served_bytes_total",
                        "an upstream fetch)", ["source"])
 COALESCED_WAITERS = Gauge(f"{P}_coalesced_waiters",
                           "Clients currently waiting on a fetch another request started")
+OPEN_CONNECTIONS = Gauge(f"{P}_open_connections", "Client connections open, by listener",
+                         ["listener"])
+CONNECTIONS_CLOSED = Counter(f"{P}_connections_closed_total",
+                             "Client connections the agent closed to protect itself, by listener "
+                             "and reason: header_timeout (request headers too slow), "
+                             "idle_timeout (keep-alive), evicted (room for a new one at the cap), "
+                             "refused (answered 503 at the cap, every connection busy or new)",
+                             ["listener", "reason"])
+STALLED_SENDS = Counter(f"{P}_stalled_sends_total",
+                        "NAR transfers dropped because the client read nothing for "
+                        "--client-stall-timeout seconds")
 BYTES_AVOIDED = Counter(f"{P}_upstream_bytes_avoided_total",
                         "Upstream bytes a client would have fetched without this cache")
 SECONDS_AVOIDED = Counter(f"{P}_cold_start_seconds_avoided_total",
@@ -138,3 +149,7 @@ def initialise() -> None:
     EVICTIONS.labels("nar")
     for reason in NODE_REALISE_REASONS:
         NODE_REALISE_FAILURES.labels(reason)
+    for listener in ("unix", "tcp", "metrics"):
+        OPEN_CONNECTIONS.labels(listener)
+        for reason in ("header_timeout", "idle_timeout", "evicted", "refused"):
+            CONNECTIONS_CLOSED.labels(listener, reason)

@@ -118,6 +118,9 @@ def test_the_old_plural_spellings_still_work_with_a_deprecation_notice(tmp_path:
     (["--circuit-failures", "-1"], "--circuit-failures: must be at least 1, not -1"),
     (["--prefetch-concurrency", "0"], "--prefetch-concurrency: must be at least 1, not 0"),
     (["--gc-interval", "0"], "--gc-interval: must be more than 0, not 0.0"),
+    (["--max-connections", "0"], "--max-connections: must be at least 1, not 0"),
+    (["--header-timeout", "0"], "--header-timeout: must be more than 0, not 0.0"),
+    (["--client-stall-timeout", "-1"], "--client-stall-timeout: must be more than 0, not -1.0"),
 ])
 def test_invalid_settings_are_rejected_with_a_clear_message(argv: list[str], message: str) \
         -> None:

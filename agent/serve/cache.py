@@ -13,7 +13,7 @@ from aiohttp import web
 
 from agent.nix.storepath import is_hash_part
 from agent.readthrough import NarHandle, ReadThrough, Unavailable, UnknownNar
-from agent.serve.sendfile import ClientStalled, FileSender
+from agent.serve.sendfile import ClientStalled, FileSender, abort, write_or_stall
 from agent.store.layout import is_nar_file
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def routes(readthrough: ReadThrough, sender: FileSender, cache_info: Callable[[]
                 return await _send_committed(request, sender, handle, handle.path)
             if request.method == "HEAD":
                 return web.Response(headers=_nar_headers(handle.size))
-            return await _stream(request, handle)
+            return await _stream(request, handle, sender.stall_timeout)
 
     return [
         web.get("/nix-cache-info", nix_cache_info),
@@ -96,19 +96,20 @@ async def _send_committed(request: web.Request, sender: FileSender, handle: NarH
     return resp
 
 
-async def _stream(request: web.Request, handle: NarHandle) -> web.StreamResponse:
+async def _stream(request: web.Request, handle: NarHandle, stall_timeout: float) \
+        -> web.StreamResponse:
     resp = web.StreamResponse(headers=_nar_headers(handle.size))
     await resp.prepare(request)
     try:
         async for chunk in handle.chunks():
-            await resp.write(chunk)
+            await write_or_stall(resp, chunk, stall_timeout)
             handle.served += len(chunk)
-    except Exception as e:  # source error, verification failure, store full without fallback
+    except Exception as e:  # source error, verification failure, store full, stalled client
         # Headers are out: the only honest signal left is a broken connection.
         log.warning("nar stream aborted", extra={"fields": {
             "file": handle.row.file, "sent": handle.served, "error": str(e)}})
         if request.transport is not None:
-            request.transport.abort()
+            abort(request.transport)
         raise web.HTTPInternalServerError() from None
     await resp.write_eof()
     return resp

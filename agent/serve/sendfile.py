@@ -2,11 +2,13 @@
 
 uvloop does not implement `loop.sendfile`, so aiohttp's FileResponse falls back to reading
 chunks into Python and writing them through the event loop: two copies per byte and buffers per
-client. Here the headers go out through aiohttp, then a worker thread runs `os.sendfile` from the
-file to the connection's socket, waiting for the socket to drain with poll(2) on its own: the
-event loop never sees those bytes. The transport's own buffer is empty before the thread starts
-and nothing else writes to the connection until it ends (HTTP/1.1 answers one request at a time);
-the thread uses its own duplicate of the socket descriptor (see below).
+client. Here the headers go out through aiohttp, then worker threads run `os.sendfile` from the
+file to the connection's non-blocking socket as long as it has room, and the event loop waits
+(add_writer, no thread) for the client to read more: the event loop never sees those bytes, and
+a client that stops reading holds no thread; after `stall_timeout` seconds without progress its
+transfer is dropped. The transport's own buffer is empty before sending starts and nothing else
+writes to the connection until it ends (HTTP/1.1 answers one request at a time); the sends use
+their own duplicate of the socket descriptor (see below).
 """
 
 import asyncio
@@ -14,19 +16,33 @@ import contextlib
 import os
 import select
 import socket
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
 
-# One thread per transfer in progress; a transfer spends its time blocked in the kernel.
-SENDFILE_THREADS = 128
+from agent import metrics
+
+# Threads copy only while a client's socket has room; waiting for a client happens in the event
+# loop, so clients that stop reading hold no thread. Opening a file (which may wait on the disk)
+# has its own threads, so a busy sending pool never delays the next request's open.
+SEND_THREADS = 32
+OPEN_THREADS = 8
 MAX_STEP = 16 << 20
+# A client that keeps up makes room within this; the thread waits that long rather than hand
+# back to the event loop on every drained buffer. Longer waits happen in the loop, threadless.
+BRIEF_WAIT_MS = 20
 SEND_BUFFER = 4 << 20
 
 
 class ClientStalled(Exception):
     pass
+
+
+def _stalled(timeout: float) -> ClientStalled:
+    metrics.STALLED_SENDS.inc()
+    return ClientStalled(f"client read nothing for {timeout:.0f}s")
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -64,8 +80,9 @@ def _widen_send_buffer(sock_fd: int) -> None:
             s.close()
 
 
-def _sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int, timeout: float) -> int:
-    """Blocking loop of os.sendfile on a non-blocking socket (runs in a worker thread)."""
+def _send_available(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """os.sendfile until `count` bytes are out or the client has not made room for BRIEF_WAIT_MS
+    (a worker thread; the socket is non-blocking)."""
     poller = select.poll()
     poller.register(sock_fd, select.POLLOUT)
     sent = 0
@@ -73,39 +90,104 @@ def _sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int, timeout: 
         try:
             n = os.sendfile(sock_fd, file_fd, offset + sent, min(count - sent, MAX_STEP))
         except BlockingIOError:
-            n = -1
+            if poller.poll(BRIEF_WAIT_MS):
+                continue
+            break
         if n == 0:
             raise EOFError("the file is shorter than its size")
-        if n > 0:
-            sent += n
-            continue
-        if not poller.poll(timeout * 1000):
-            raise ClientStalled(f"client did not read for {timeout:.0f}s")
+        sent += n
     return sent
 
 
-class FileSender:
-    """Sends committed files zero-copy; owns the threads that do it (`close` stops them)."""
+async def _writable(loop: asyncio.AbstractEventLoop, sock_fd: int, timeout: float) -> None:
+    """Wait in the event loop, holding no thread, until the client has read some of what was
+    sent; ClientStalled after `timeout` seconds without that."""
+    ready = loop.create_future()
+    loop.add_writer(sock_fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        raise _stalled(timeout) from None
+    finally:
+        loop.remove_writer(sock_fd)
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=SENDFILE_THREADS,
-                                        thread_name_prefix="fnc-sendfile")
+
+def abort(transport: asyncio.BaseTransport) -> None:
+    """Break off a half-sent response with a reset, so that it cannot look complete, and so
+    that the kernel drops what is still queued instead of holding it (and its memory) until a
+    stalled client reads it."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _headers_sent(transport: asyncio.Transport, timeout: float) -> None:
+    """Wait until the transport's buffer (the headers) is out, so the body follows them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while transport.get_write_buffer_size():
+        if loop.time() > deadline:
+            raise _stalled(timeout)
+        await asyncio.sleep(0.001)
+
+
+async def write_or_stall(resp: web.StreamResponse, data: bytes, timeout: float) -> None:
+    """resp.write, or ClientStalled when the client reads nothing for `timeout` seconds (a
+    write waits for the transport to drain)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await resp.write(data)
+    except TimeoutError:
+        raise _stalled(timeout) from None
+
+
+async def _sendfile(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset: int,
+                    count: int, stall_timeout: float) -> int:
+    loop = asyncio.get_running_loop()
+    sent = 0
+    while True:
+        sending = loop.run_in_executor(pool, _send_available, sock_fd, file_fd,
+                                       offset + sent, count - sent)
+        try:
+            sent += await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            # The caller closes both descriptors next; a number closed under a running send
+            # could be reused at once by another file or connection.
+            await asyncio.wait([sending])
+            raise
+        if sent >= count:
+            return sent
+        await _writable(loop, sock_fd, stall_timeout)
+
+
+class FileSender:
+    """Sends committed files zero-copy; owns the threads that open and send them (`close`
+    stops them). A client that reads nothing for `stall_timeout` seconds is dropped."""
+
+    def __init__(self, stall_timeout: float = 60.0) -> None:
+        self.stall_timeout = stall_timeout
+        self._send_pool = ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="fnc-sendfile")
+        self._open_pool = ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="fnc-open")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._send_pool, self._open_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    async def send(self, request: web.Request, path: Path, content_type: str, *,
-                   stall_timeout: float = 60.0) -> tuple[web.StreamResponse, int]:
+    async def send(self, request: web.Request, path: Path, content_type: str) \
+            -> tuple[web.StreamResponse, int]:
         """Send `path` (honouring Range); returns the response and the body bytes sent."""
         loop = asyncio.get_running_loop()
-        fd = await loop.run_in_executor(self._pool, os.open, path, os.O_RDONLY)
+        fd = await loop.run_in_executor(self._open_pool, os.open, path, os.O_RDONLY)
         try:
-            return await self._send_open(request, fd, content_type, stall_timeout)
+            return await self._send_open(request, fd, content_type)
         finally:
             os.close(fd)
 
-    async def _send_open(self, request: web.Request, fd: int, content_type: str,
-                         stall_timeout: float) -> tuple[web.StreamResponse, int]:
+    async def _send_open(self, request: web.Request, fd: int, content_type: str) \
+            -> tuple[web.StreamResponse, int]:
+        stall_timeout = self.stall_timeout
         size = os.fstat(fd).st_size
         span = _byte_range(request, size)
         start, stop = span or (0, size)
@@ -121,18 +203,17 @@ class FileSender:
         sock = transport.get_extra_info("socket") if transport else None
         if transport is None or sock is None:
             raise ConnectionResetError("client went away")
-        while transport.get_write_buffer_size():  # headers still queued in the transport
-            await asyncio.sleep(0.001)
-        # The thread writes to a duplicate of the socket: if the client goes away and the
+        # The threads write to a duplicate of the socket: if the client goes away and the
         # transport closes its descriptor, the number may be reused by a new connection at
         # once, and bytes must never land there.
         sock_fd = os.dup(sock.fileno())
         try:
+            await _headers_sent(transport, stall_timeout)
             _widen_send_buffer(sock_fd)
-            sent = await asyncio.get_running_loop().run_in_executor(
-                self._pool, _sendfile_all, sock_fd, fd, start, stop - start, stall_timeout)
+            sent = await _sendfile(self._send_pool, sock_fd, fd, start, stop - start,
+                                   stall_timeout)
         except (OSError, ClientStalled, EOFError):
-            transport.abort()  # a half-sent body must not look complete
+            abort(transport)
             raise
         finally:
             os.close(sock_fd)

@@ -21,6 +21,7 @@ from agent.nix.narinfo import MAX_NARINFO_BYTES
 log = logging.getLogger(__name__)
 NOT_HERE = {404, 403, 410}
 CHUNK = 256 * 1024
+CONNECTIONS_PER_UPSTREAM = 64  # also counted in the agent's file-descriptor budget
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -94,7 +95,8 @@ class Upstream:
         self._throughput = 0.0
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=CONNECTIONS_PER_UPSTREAM, ttl_dns_cache=300,
+                                         enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False,
             headers={"User-Agent": "flox-node-cache"},

@@ -1,0 +1,372 @@
+"""Listeners that no client can starve: a cap on connections and deadlines for idle ones.
+
+aiohttp bounds neither how many connections a listener holds nor how long a client may take to
+send its request headers, so a thousand idle sockets or a slowloris use up the process's file
+descriptors and take every listener down together. Here each connection's aiohttp protocol is
+wrapped:
+
+- a connection must complete its request headers within `header_timeout` of connecting (or of
+  the first byte of a later request) and may sit idle between requests for `keepalive_timeout`;
+  then it is closed. A running request has no deadline here (a NAR transfer that makes no
+  progress is dropped by serve/sendfile.py);
+- at `max_connections` a new connection makes room by closing the oldest one that has no
+  request running and has been quiet for a second; when there is none, the new one is answered
+  503 (JSON, Retry-After) and closed. Accepting is done here, a batch at a time, not by the
+  event loop, which takes every pending connection's descriptor at once before any can be
+  closed: a burst would exhaust them;
+- the listen backlog is large, so a burst queues instead of being refused at connect.
+
+The metrics listener has its own small limits, so /healthz and /readyz answer whatever the cache
+clients do, and the caps are fitted to RLIMIT_NOFILE, whose soft limit is raised to the hard one.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from agent import metrics
+from agent.config import Config, ConfigError
+from agent.upstream.client import CONNECTIONS_PER_UPSTREAM
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+# A connection quiet for this long may be closed to make room. A fresh one is spared: its
+# request may be waiting in the kernel's buffer, not yet read, during a burst.
+EVICTABLE_AFTER = 1.0
+# Descriptors per connection of the cap: its socket, a NAR file, the socket's duplicate while
+# sending it, and room for as many refused connections lingering (see Listener._refuse).
+FDS_PER_CONNECTION = 4
+LINGER = 2.0
+ACCEPT_BATCH = 64  # connections accepted per wake-up, so the loop serves others in a burst
+RESERVED_FDS = 64  # index, logs, thread pools, git and its pipes
+MIN_CONNECTIONS = 8
+OPTIONS = {"unix": "--socket", "tcp": "--listen", "metrics": "--metrics-listen"}
+REASONS = ("header_timeout", "idle_timeout", "evicted", "refused")
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+           b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 44\r\n\r\n"
+           b'{"error": "too many connections; try again"}')
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int
+    header_timeout: float
+    keepalive_timeout: float
+
+
+# Probes and scrapes are short and few; nothing cache clients do can reach this cap.
+METRICS_LIMITS = Limits(max_connections=32, header_timeout=5.0, keepalive_timeout=5.0)
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit", extra={"fields": {
+                "soft": soft, "hard": hard, "error": str(e)}})
+    return soft
+
+
+def prepare_limits(config: Config) -> tuple[Limits, Limits]:
+    """(each cache listener's limits, the metrics listener's), after raising the open-file
+    limit: the caps are lowered so that both cache listeners full still leave descriptors for
+    the metrics listener, the upstream connections and the rest of the agent."""
+    open_files = raise_open_files_limit()
+    wanted = Limits(config.max_connections, config.header_timeout, config.keepalive_timeout)
+    reserved = (RESERVED_FDS + CONNECTIONS_PER_UPSTREAM * len(config.upstreams)
+                + METRICS_LIMITS.max_connections)  # a probe or scrape holds only its socket
+    room = (open_files - reserved) // (2 * FDS_PER_CONNECTION)
+    if room < MIN_CONNECTIONS:
+        need = reserved + 2 * FDS_PER_CONNECTION * MIN_CONNECTIONS
+        raise ConfigError(f"the open-file limit ({open_files}) is too low for the agent: raise it "
+                          f"to at least {need} (ulimit -n, or the container runtime's nofile)")
+    if room < wanted.max_connections:
+        log.warning("max-connections lowered to fit the open-file limit", extra={"fields": {
+            "max_connections": room, "configured": wanted.max_connections,
+            "open_file_limit": open_files}})
+        wanted = replace(wanted, max_connections=room)
+    return wanted, METRICS_LIMITS
+
+
+class Listener:
+    """One listening socket and its connections; given to aiohttp's site as its server."""
+
+    def __init__(self, name: str, server: web.Server, limits: Limits,
+                 sock: socket.socket) -> None:
+        self.name = name
+        self.limits = limits
+        self.sockets = [sock]
+        self.loop = asyncio.get_running_loop()
+        self.open: dict[RequestHandler, _Connection] = {}  # oldest first
+        self._sock = sock
+        self._make_handler = server
+        self._resume: asyncio.TimerHandle | None = None
+        self.refused: dict[socket.socket, asyncio.TimerHandle] = {}  # lingering, oldest first
+        self._starting: set[asyncio.Task] = set()
+        self._gauge = metrics.OPEN_CONNECTIONS.labels(name)
+        self._closed = {r: metrics.CONNECTIONS_CLOSED.labels(name, r) for r in REASONS}
+        handle = server.request_handler
+
+        async def tracked(request: web.BaseRequest) -> web.StreamResponse:
+            conn = self.open.get(request.protocol)
+            if conn is None:
+                return await handle(request)
+            conn.busy += 1
+            try:
+                return await handle(request)
+            finally:
+                conn.request_done()
+
+        # Read by each RequestHandler when it is made, so this sees every request.
+        server.request_handler = tracked
+        sock.setblocking(False)
+        self.loop.add_reader(sock, self._accept)
+
+    def close(self) -> None:
+        """Stop accepting (what aiohttp's site calls on its server)."""
+        self._pause(None)
+        self._sock.close()
+        for client in list(self.refused):
+            self._end_refusal(client)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the backlog holds them meanwhile
+                log.warning("cannot accept connections", extra={"fields": {
+                    "listener": self.name, "error": e.strerror}})
+                self._pause(1.0)
+                return
+            if len(self.open) < self.limits.max_connections or self._make_room():
+                self._attach(client)
+            else:
+                self._refuse(client)
+
+    def _refuse(self, client: socket.socket) -> None:
+        """Answer 503 without reading the request, and close once the client has read it: a
+        socket closed with unread data is reset, and the client may lose the answer. At most
+        `max_connections` refusals linger; past that the oldest is closed (after reading what
+        it sent: an idle client loses nothing)."""
+        self._closed["refused"].inc()
+        if len(self.refused) >= self.limits.max_connections:
+            self._end_refusal(next(iter(self.refused)))
+        client.setblocking(False)
+        with contextlib.suppress(OSError):
+            client.send(REFUSAL)
+            client.shutdown(socket.SHUT_WR)
+        self.refused[client] = self.loop.call_later(LINGER, self._end_refusal, client)
+        self.loop.add_reader(client, self._drain, client)
+
+    def _drain(self, client: socket.socket) -> None:
+        try:
+            while client.recv(1 << 16):
+                pass
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._end_refusal(client)  # the client is done
+
+    def _end_refusal(self, client: socket.socket) -> None:
+        timer = self.refused.pop(client, None)
+        if timer is None:
+            return
+        timer.cancel()
+        self.loop.remove_reader(client)
+        with contextlib.suppress(OSError):
+            while client.recv(1 << 16):
+                pass
+        client.close()
+
+    def _attach(self, client: socket.socket) -> None:
+        if client.family != socket.AF_UNIX:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Connection(self, self._make_handler())
+        self.open[conn.handler] = conn
+        self._gauge.inc()
+        self._starting.add(self.loop.create_task(self._start(conn, client)))
+
+    async def _start(self, conn: "_Connection", client: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: conn, client)
+        except OSError:  # gone before it began
+            self.forget(conn)
+            client.close()
+        finally:
+            self._starting.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    def _pause(self, seconds: float | None) -> None:
+        """Stop accepting for `seconds` (None: for good) or until a connection ends."""
+        if self._resume is None:
+            self.loop.remove_reader(self._sock)
+        else:
+            self._resume.cancel()
+        self._resume = self.loop.call_later(seconds, self._wake) if seconds else None
+
+    def _wake(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+            self.loop.add_reader(self._sock, self._accept)
+
+    def _make_room(self) -> bool:
+        """Close the oldest connection without a running request, unless all are fresh."""
+        quiet_since = self.loop.time() - EVICTABLE_AFTER
+        for conn in self.open.values():
+            if not conn.busy and conn.since <= quiet_since:
+                conn.close("evicted")
+                return True
+        return False
+
+    def forget(self, conn: "_Connection", reason: str | None = None) -> None:
+        if self.open.pop(conn.handler, None) is None:
+            return
+        self._gauge.dec()
+        if reason:
+            self._closed[reason].inc()
+            log.debug("connection closed", extra={"fields": {
+                "listener": self.name, "reason": reason}})
+        self._wake()
+
+
+class _Connection(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with a deadline whenever no request runs."""
+
+    def __init__(self, listener: Listener, handler: RequestHandler) -> None:
+        self.listener = listener
+        self.handler = handler
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.busy = 0  # requests being handled (aiohttp handles one at a time)
+        self.receiving = False  # bytes of a next request arrived since the last one ended
+        self.since = listener.loop.time()  # connected, or last request ended
+        self.expires = 0.0
+        self.reason = ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._expire_at(self.since + listener.limits.header_timeout, "header_timeout")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.handler.connection_made(transport)
+        if self.closed:  # closed while it was being set up
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy and not self.receiving:
+            self.receiving = True  # a request has begun: its headers are due soon
+            deadline = self.listener.loop.time() + self.listener.limits.header_timeout
+            self._expire_at(min(self.expires, deadline), "header_timeout")
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.listener.forget(self)
+        self.handler.connection_lost(exc)
+
+    def request_done(self) -> None:
+        self.busy -= 1
+        if not self.busy:
+            self.receiving = False
+            self.since = self.listener.loop.time()
+            self._expire_at(self.since + self.listener.limits.keepalive_timeout, "idle_timeout")
+
+    def close(self, reason: str) -> None:
+        self.closed = True
+        self.listener.forget(self, reason)
+        if self.transport is not None:
+            self.transport.abort()  # nothing is owed to it; free the descriptor now
+
+    def _expire_at(self, when: float, reason: str) -> None:
+        # One timer per connection, moved only earlier; a late check re-arms itself. Cheaper
+        # than a new timer per request on the narinfo hot path.
+        self.expires, self.reason = when, reason
+        if self._timer is None or self._timer_at > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.listener.loop.call_at(when, self._check)
+            self._timer_at = when
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.busy:
+            return  # request_done sets the next deadline
+        if self.listener.loop.time() < self.expires:
+            self._timer = self.listener.loop.call_at(self.expires, self._check)
+            self._timer_at = self.expires
+            return
+        self.close(self.reason)
+
+
+class _Site(web.BaseSite):
+    """An aiohttp site whose connections go through a Listener; a bind error is a ConfigError."""
+
+    def __init__(self, runner: web.BaseRunner, name: str, where: str, limits: Limits,
+                 bind: Callable[[], socket.socket]) -> None:
+        super().__init__(runner, backlog=BACKLOG)
+        self._name, self._where, self._limits, self._bind = name, where, limits, bind
+
+    @property
+    def name(self) -> str:
+        return self._where
+
+    async def start(self) -> None:
+        await super().start()
+        assert self._runner.server is not None, "runner.setup() first"
+        try:
+            sock = self._bind()
+        except OSError as e:
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise ConfigError(f"cannot listen on {self._where} ({OPTIONS[self._name]}): "
+                              f"{reason}") from None
+        self._server = Listener(self._name, self._runner.server, self._limits,  # type: ignore
+                                sock)
+
+
+def tcp_site(runner: web.BaseRunner, name: str, host: str, port: int,
+             limits: Limits) -> web.BaseSite:
+    def bind() -> socket.socket:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    return _Site(runner, name, f"{host}:{port}", limits, bind)
+
+
+def unix_site(runner: web.BaseRunner, name: str, path: Path, limits: Limits) -> web.BaseSite:
+    def bind() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    return _Site(runner, name, str(path), limits, bind)
