@@ -272,8 +272,8 @@ class Prefetcher:
         if t.lockfile:
             lock = parse_lockfile(t.lockfile)
             return _system_roots(lock, job.system, t.name)
-        if t.store_paths:
-            return [StorePath.parse(p).hash_part for p in t.store_paths]
+        if t.store_paths:  # whole paths, so a failure names them
+            return list(t.store_paths)
         # A resumed target: its recorded closure.
         env = self.store.pins.environment(t.name)
         return list(env.closure) if env else []
@@ -297,7 +297,7 @@ class Prefetcher:
                 p.failures[paths.get(h, h)] = f"upstream unavailable: {e}"
                 return
             if found.row is None:
-                p.failures[paths.get(h, h)] = "not found in any upstream"
+                p.failures[paths.get(h, h)] = found.reason
                 return
             paths[h] = found.row.store_path
             paths.update(_paths_by_hash(_references(found.row.text)))
