@@ -86,7 +86,8 @@ async def build(config: Config) -> AsyncIterator[Parts]:
                             read=config.upstream_read_timeout,
                             narinfo=config.upstream_narinfo_timeout)
         upstreams = [await stack.enter_async_context(
-            Upstream(url, timeouts, config.circuit_failures, config.circuit_cooldown))
+            Upstream(url, timeouts, config.circuit_failures, config.circuit_cooldown,
+                     config.upstream_redirect_origin))
             for url in config.upstreams]
         background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         recompressor = None

@@ -55,6 +55,11 @@ def _url_check(url: str) -> None:
         raise ConfigError(f"{url!r} is not an http(s):// or file:// URL")
 
 
+def _origin_check(url: str) -> None:
+    if not re.fullmatch(r"https?://[^/?#\s]+/?", url):
+        raise ConfigError(f"{url!r} is not an origin such as https://cdn.example.org[:PORT]")
+
+
 def _taint_key_check(key: str) -> None:
     if key and not TAINT_KEY.fullmatch(key):
         raise ConfigError(f"{key!r} is not a taint key (e.g. flox.dev/node-cache-warming)")
@@ -135,6 +140,11 @@ class Config:
                                            metavar="SECONDS", above=0)
     upstream_narinfo_timeout: float = setting(10.0, "whole upstream narinfo request",
                                               metavar="SECONDS", above=0)
+    upstream_redirect_origin: tuple[str, ...] = setting(
+        (), "another origin an upstream may redirect to (e.g. the object store holding its "
+        "NARs); redirects within an upstream's own origin are always followed, others are "
+        "errors; repeatable or comma-separated", metavar="URL", check=_origin_check,
+        default_text="none")
     circuit_failures: int = setting(3, "consecutive errors that take an upstream out of use",
                                     metavar="N", at_least=1)
     circuit_cooldown: float = setting(30.0, "how long an upstream stays out of use",

@@ -7,6 +7,7 @@ interrupted prefetch only fetches what is missing.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -23,6 +24,7 @@ from agent.store.pins import EnvironmentReport
 from agent.store.store import Store
 
 log = logging.getLogger(__name__)
+PROGRESS_INTERVAL = 0.5  # seconds between updates of a running job's progress gauges
 
 
 class TargetError(ValueError):
@@ -230,6 +232,7 @@ class Prefetcher:
         job.state = "running"
         label = job.target.name
         held_before = set(self.store.pins.holders())
+        reporter = asyncio.create_task(_report_progress(job))
         try:
             full = await self._roots(job)
             roots = [StorePath.parse(r).hash_part if r.startswith("/") else r for r in full]
@@ -260,11 +263,8 @@ class Prefetcher:
             job.finished = time.time()
             self._running.pop((job.target.name, job.system), None)
             metrics.PREWARM_JOBS.labels(job.state).inc()
-            if job.progress.bytes_total:
-                metrics.PREWARM_PROGRESS.labels(label).set(
-                    job.progress.bytes_done / job.progress.bytes_total)
-                metrics.PREWARM_REMAINING.labels(label).set(
-                    job.progress.bytes_total - job.progress.bytes_done)
+            reporter.cancel()
+            _set_gauges(job)
             log.info("prefetch finished", extra={"fields": {
                 "job": job.id, "target": label, "state": job.state, "error": job.error,
                 **job.progress.to_json()}})
@@ -284,8 +284,8 @@ class Prefetcher:
         if t.lockfile:
             lock = parse_lockfile(t.lockfile)
             return _system_roots(lock, job.system, t.name)
-        if t.store_paths:
-            return [StorePath.parse(p).hash_part for p in t.store_paths]
+        if t.store_paths:  # whole paths, so a failure names them
+            return list(t.store_paths)
         # A resumed target: its recorded closure.
         env = self.store.pins.environment(t.name)
         return list(env.closure) if env else []
@@ -309,7 +309,7 @@ class Prefetcher:
                 p.failures[paths.get(h, h)] = f"upstream unavailable: {e}"
                 return
             if found.row is None:
-                p.failures[paths.get(h, h)] = "not found in any upstream"
+                p.failures[paths.get(h, h)] = found.reason
                 return
             paths[h] = found.row.store_path
             paths.update(_paths_by_hash(_references(found.row.text)))
@@ -364,8 +364,29 @@ class Prefetcher:
 
     def _forget_old_jobs(self, keep: int = 500) -> None:
         finished = [j for j in self.jobs.values() if j.finished]
-        for j in sorted(finished, key=lambda j: j.created)[:max(0, len(finished) - keep)]:
+        forgotten = sorted(finished, key=lambda j: j.created)[:max(0, len(finished) - keep)]
+        for j in forgotten:
             del self.jobs[j.id]
+        # A target's gauges go with its last remembered job.
+        remembered = {j.target.name for j in self.jobs.values()}
+        for name in {j.target.name for j in forgotten} - remembered:
+            for gauge in (metrics.PREWARM_PROGRESS, metrics.PREWARM_REMAINING):
+                with contextlib.suppress(KeyError):  # never set: nothing to fetch
+                    gauge.remove(name)
+
+
+async def _report_progress(job: Job) -> None:
+    """Keep a running job's progress gauges current, so a scrape sees them move."""
+    while True:
+        _set_gauges(job)
+        await asyncio.sleep(PROGRESS_INTERVAL)
+
+
+def _set_gauges(job: Job) -> None:
+    p = job.progress
+    if p.bytes_total:  # unknown until the first narinfo
+        metrics.PREWARM_PROGRESS.labels(job.target.name).set(p.bytes_done / p.bytes_total)
+        metrics.PREWARM_REMAINING.labels(job.target.name).set(p.bytes_total - p.bytes_done)
 
 
 def _paths_by_hash(paths: Iterable[str]) -> dict[str, str]:

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import metrics
-from agent.nix.narinfo import NarInfo, NarInfoError
-from agent.nix.narinfo import parse as parse_narinfo
-from agent.nix.signing import PublicKey, SecretKey, add_signature, verified_by
+from agent.nix.narinfo import NarInfo
+from agent.nix.signing import PublicKey, SecretKey, add_signature, signature_problem, verified_by
 from agent.store.index import NarInfoRow, NarRow
 from agent.store.store import Store
 from agent.store.transfer import Transfer
@@ -32,13 +31,15 @@ from agent.upstream.client import CircuitBreaker, UpstreamError
 
 log = logging.getLogger(__name__)
 NEGATIVE_ENTRIES = 100_000
+NOT_FOUND = "not found in any upstream"
 
 
 class Source(Protocol):
     """A binary cache the read-through path asks on a miss (an upstream; later a peer).
 
-    `get_narinfo` returns the narinfo text, or None when the source does not have the path;
-    both it and `nar` raise UpstreamError when the source cannot answer (never "not found")."""
+    `get_narinfo` returns the narinfo of the path, or None when the source does not have it;
+    both it and `nar` raise UpstreamError when the source cannot answer or answers something
+    else (never "not found")."""
 
     name: str    # in logs
     url: str     # identity: recorded with a NAR not yet fetched, to fetch it from there
@@ -46,7 +47,7 @@ class Source(Protocol):
     throughput: float  # measured bytes/s, 0 until known
     breaker: CircuitBreaker
 
-    async def get_narinfo(self, hash_part: str) -> str | None: ...
+    async def get_narinfo(self, hash_part: str) -> NarInfo | None: ...
     def nar(self, url: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
 
 
@@ -59,11 +60,12 @@ class UnknownNar(Exception):
 
 
 class Lookup:
-    __slots__ = ("row", "source")
+    __slots__ = ("reason", "row", "source")
 
-    def __init__(self, row: NarInfoRow | None, source: str) -> None:
+    def __init__(self, row: NarInfoRow | None, source: str, reason: str = NOT_FOUND) -> None:
         self.row = row
         self.source = source  # local | coalesced | upstream (a Source's kind) | not_found
+        self.reason = reason  # why row is None, for people ("signed by an untrusted key: ...")
 
 
 class ReadThrough:
@@ -78,7 +80,7 @@ class ReadThrough:
         self.signing_key = signing_key
         self.negative_ttl = negative_ttl
         self._on_committed = on_committed
-        self._negative: dict[str, float] = {}
+        self._negative: dict[str, tuple[float, str]] = {}  # hash -> (until, reason)
         self._narinfo_inflight: dict[str, asyncio.Future[Lookup]] = {}
         self._transfers: dict[str, Transfer] = {}
         self._in_use: Counter[str] = Counter()
@@ -101,9 +103,10 @@ class ReadThrough:
             self.store.touch_narinfo(hash_part)
             self._count("narinfo", "local")
             return Lookup(row, "local")
-        if self._negative.get(hash_part, 0) > time.monotonic():
+        until, reason = self._negative.get(hash_part, (0.0, NOT_FOUND))
+        if until > time.monotonic():
             self._count("narinfo", "not_found")
-            return Lookup(None, "not_found")
+            return Lookup(None, "not_found", reason)
         try:
             found = await self._coalesced_narinfo(hash_part)
         except Unavailable:
@@ -117,7 +120,8 @@ class ReadThrough:
         if inflight is not None:
             metrics.COALESCED_WAITERS.inc()
             try:
-                return Lookup((await asyncio.shield(inflight)).row, "coalesced")
+                found = await asyncio.shield(inflight)
+                return Lookup(found.row, "coalesced", found.reason)
             finally:
                 metrics.COALESCED_WAITERS.dec()
         task = asyncio.ensure_future(self._fetch_narinfo(hash_part))
@@ -127,44 +131,41 @@ class ReadThrough:
 
     async def _fetch_narinfo(self, hash_part: str) -> Lookup:
         errors: list[UpstreamError] = []
+        reason = NOT_FOUND
         for source in self.sources:
             try:
-                text = await source.get_narinfo(hash_part)
+                info = await source.get_narinfo(hash_part)
             except UpstreamError as e:
                 errors.append(e)
                 continue
-            if text is None:
+            if info is None:
                 continue
-            info = self._accept(source, hash_part, text)
-            if info is not None:
-                log.info("narinfo fetched", extra={"fields": {
-                    "source": source.name, "store_path": info.store_path.path(),
-                    "nar_size": info.nar_size}})
-                return Lookup(self.store.remember(info, source.url), source.kind)
+            problem = self._signature_problem(info)
+            if problem is not None:  # the path is not available from here: a miss, with why
+                reason = _rejected(source, info, problem)
+                continue
+            log.info("narinfo fetched", extra={"fields": {
+                "source": source.name, "store_path": info.store_path.path(),
+                "nar_size": info.nar_size}})
+            if self.signing_key:
+                info = add_signature(info, self.signing_key)
+            return Lookup(self.store.remember(info, source.url), source.kind)
         if errors:
             raise Unavailable("; ".join(str(e) for e in errors))
-        self._remember_missing(hash_part)
-        return Lookup(None, "not_found")
+        self._remember_missing(hash_part, reason)
+        return Lookup(None, "not_found", reason)
 
-    def _remember_missing(self, hash_part: str) -> None:
+    def _remember_missing(self, hash_part: str, reason: str) -> None:
         now = time.monotonic()
-        self._negative[hash_part] = now + self.negative_ttl
+        self._negative[hash_part] = (now + self.negative_ttl, reason)
         if len(self._negative) > NEGATIVE_ENTRIES:
-            self._negative = {h: t for h, t in self._negative.items() if t > now}
+            self._negative = {h: v for h, v in self._negative.items() if v[0] > now}
 
-    def _accept(self, source: Source, hash_part: str, text: str) -> NarInfo | None:
-        """Parse and check a source's narinfo; None (counted, logged) when it is not usable."""
-        try:
-            info = parse_narinfo(text)
-            if info.hash_part != hash_part:
-                raise NarInfoError(f"StorePath {info.store_path} does not match {hash_part}")
-        except NarInfoError as e:
-            return _rejected("malformed", source, hash_part, str(e))
-        if self.require_signatures and verified_by(info, self.keys) is None:
-            return _rejected("signature", source, hash_part, "no valid signature by a trusted key")
-        if self.signing_key:
-            info = add_signature(info, self.signing_key)
-        return info
+    def _signature_problem(self, info: NarInfo) -> str | None:
+        """None when the narinfo is signed by a trusted key (or signatures are not required)."""
+        if not self.require_signatures or verified_by(info, self.keys) is not None:
+            return None
+        return signature_problem(info, self.keys)
 
     async def listing(self, hash_part: str) -> bytes | None:
         """The `.ls` listing of a store path this store holds (never fetched: a client that
@@ -297,8 +298,10 @@ class NarHandle:
         self._owner._release(self.row.file, self.served, self.source)
 
 
-def _rejected(reason: str, source: Source, hash_part: str, message: str) -> None:
-    metrics.VERIFY_FAILURES.labels(reason).inc()
+def _rejected(source: Source, info: NarInfo, problem: str) -> str:
+    """Count and log a narinfo refused for its signature; the reason a client is given."""
+    metrics.VERIFY_FAILURES.labels("signature").inc()
     log.warning("narinfo rejected", extra={"fields": {
-        "source": source.name, "hash": hash_part, "reason": reason, "error": message}})
-    return None
+        "source": source.name, "store_path": info.store_path.path(), "reason": "signature",
+        "error": problem}})
+    return problem

@@ -137,6 +137,14 @@ def parse(text: str, store_dir: str = STORE_DIR) -> NarInfo:
     )
 
 
+def parse_for(text: str, hash_part: str, store_dir: str = STORE_DIR) -> NarInfo:
+    """A source's answer for `hash_part`: a narinfo of that very path, or NarInfoError."""
+    info = parse(text, store_dir)
+    if info.hash_part != hash_part:
+        raise NarInfoError(f"StorePath {info.store_path} does not match {hash_part}")
+    return info
+
+
 # Anything else (e.g. `System`) is kept in `extra`, so a re-render loses nothing.
 _KNOWN = {"StorePath", "URL", "Compression", "FileHash", "FileSize", "NarHash", "NarSize",
           "References", "Deriver", "CA"}

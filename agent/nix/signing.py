@@ -97,6 +97,18 @@ def verified_by(info: NarInfo, keys: list[PublicKey]) -> PublicKey | None:
     return None
 
 
+def signature_problem(info: NarInfo, keys: list[PublicKey]) -> str:
+    """Why `info` has no valid signature by any of `keys`, in words for people."""
+    names = sorted({sig.partition(":")[0] for sig in info.sigs})
+    if not names:
+        return "not signed"
+    trusted = {key.name for key in keys}
+    forged = [name for name in names if name in trusted]
+    if forged:
+        return f"invalid signature by {', '.join(forged)}"
+    return f"signed by an untrusted key: {', '.join(names)}"
+
+
 def add_signature(info: NarInfo, secret: SecretKey) -> NarInfo:
     sig = secret.sign(info.fingerprint())
     others = tuple(s for s in info.sigs if not s.startswith(secret.name + ":"))

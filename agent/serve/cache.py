@@ -36,7 +36,9 @@ def routes(readthrough: ReadThrough, sender: FileSender, cache_info: Callable[[]
         except Unavailable as e:
             return _unavailable(str(e))
         if found.row is None:
-            raise web.HTTPNotFound(text="not in this cache or its upstreams\n")
+            # Still a 404 when the only copy is signed by an untrusted key (Nix then tries
+            # its next substituter), but the body says why.
+            raise web.HTTPNotFound(text=found.reason + "\n")
         return web.Response(body=found.row.text.encode(), headers=NARINFO_HEADERS)
 
     async def listing(request: web.Request) -> web.Response:

@@ -1,27 +1,44 @@
 """One aiohttp session per upstream cache, with per-upstream timeouts and a circuit breaker.
 
-404, 403 and 410 mean "not here". Anything else that is not a 200 (5xx, timeouts, resets, an
-open circuit) is an UpstreamError, which the cache answers as 503 and never as 404: a wrong 404
-would poison the Nix client's negative cache for an hour.
+404, 403 and 410 mean "not here". Anything else that is not a 200 with a narinfo of the path
+asked for (5xx, timeouts, resets, an open circuit, an HTML page from a captive portal, a redirect
+to another origin) is an UpstreamError, which the cache answers as 503 and never as 404: a wrong
+404 would poison the Nix client's negative cache for an hour.
 """
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
+from yarl import URL
 
 from agent import metrics
-from agent.nix.narinfo import MAX_NARINFO_BYTES
+from agent.nix.narinfo import MAX_NARINFO_BYTES, NarInfo, NarInfoError, parse_for
 
 log = logging.getLogger(__name__)
 NOT_HERE = {404, 403, 410}
 CHUNK = 256 * 1024
 CONNECTIONS_PER_UPSTREAM = 64  # also counted in the agent's file-descriptor budget
+REDIRECTS = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 5
+Origin = tuple[str, str, int | None]
+
+
+def origin(url: str | URL) -> Origin:
+    """scheme, host, port (the scheme's default when not written): what a redirect may keep."""
+    u = URL(url) if isinstance(url, str) else url
+    return (u.scheme.lower(), (u.host or "").lower(), u.port)
+
+
+def display_name(url: str) -> str:
+    """An upstream's identity in metrics, logs and /readyz: its full URL without a trailing
+    slash or credentials (two caches on one host are two upstreams)."""
+    return str(URL(url.rstrip("/")).with_user(None))
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -86,9 +103,11 @@ class Upstream:
     kind = "upstream"
 
     def __init__(self, url: str, timeouts: Timeouts, circuit_failures: int = 3,
-                 circuit_cooldown: float = 30.0) -> None:
+                 circuit_cooldown: float = 30.0, redirect_origins: Iterable[str] = ()) -> None:
         self.url = url.rstrip("/") + "/"
-        self.name = urlsplit(url).netloc or url
+        self.name = display_name(url)
+        # Redirects are followed only to these (a captive portal's login page is not a cache).
+        self._origins = {origin(self.url), *map(origin, redirect_origins)}
         self.timeouts = timeouts
         self.breaker = CircuitBreaker(self.name, circuit_failures, circuit_cooldown)
         self._session: aiohttp.ClientSession | None = None
@@ -125,15 +144,38 @@ class Upstream:
         metrics.UPSTREAM_ERRORS.labels(self.name, reason).inc()
         return UpstreamError(self.name, reason, message)
 
-    async def get_narinfo(self, hash_part: str) -> str | None:
-        """The narinfo text, or None when this upstream does not have the path."""
+    async def _follow(self, url: str, kind: str) -> aiohttp.ClientResponse:
+        """GET `url`, following at most MAX_REDIRECTS redirects, each to an allowed origin;
+        the caller releases the response."""
+        assert self._session is not None
+        target = URL(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = await self._session.get(target, allow_redirects=False)
+            metrics.UPSTREAM_REQUESTS.labels(self.name, kind, resp.status).inc()
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECTS or not location:
+                return resp
+            resp.release()
+            try:
+                target = resp.url.join(URL(location))
+            except ValueError:
+                raise self._failed(kind, "redirect", "redirect to an invalid URL") from None
+            if origin(target) not in self._origins:
+                # Only the origin is named: a redirect's query may hold a signed credential.
+                raise self._failed(kind, "redirect", f"redirected to {target.origin()}, which "
+                                   "is not this upstream's origin (allow it with "
+                                   "--upstream-redirect-origin)")
+        raise self._failed(kind, "redirect", f"more than {MAX_REDIRECTS} redirects")
+
+    async def get_narinfo(self, hash_part: str) -> NarInfo | None:
+        """The narinfo of the path, or None when this upstream does not have it."""
         assert self._session is not None
         self._check_circuit("narinfo")
         start = time.monotonic()
         try:
             async with asyncio.timeout(self.timeouts.narinfo):
-                async with self._session.get(self.url + f"{hash_part}.narinfo") as resp:
-                    metrics.UPSTREAM_REQUESTS.labels(self.name, "narinfo", resp.status).inc()
+                async with await self._follow(self.url + f"{hash_part}.narinfo",
+                                              "narinfo") as resp:
                     if resp.status in NOT_HERE:
                         self.breaker.success()
                         return None
@@ -147,21 +189,24 @@ class Upstream:
         finally:
             metrics.UPSTREAM_DURATION.labels(self.name, "narinfo").observe(
                 time.monotonic() - start)
-        self.breaker.success()
         metrics.UPSTREAM_BYTES.labels(self.name).inc(len(body))
-        if len(body) > MAX_NARINFO_BYTES:
-            raise self._malformed("narinfo larger than 1 MiB")
-        try:
-            return body.decode()
-        except UnicodeDecodeError:
-            raise self._malformed("narinfo is not UTF-8") from None
+        info = self._narinfo(body, hash_part)
+        self.breaker.success()
+        return info
 
-    def _malformed(self, message: str) -> UpstreamError:
-        # Unusable data, not a fault of the connection: no breaker trip, but counted as a
-        # verification failure like any other malformed narinfo.
-        metrics.VERIFY_FAILURES.labels("malformed").inc()
-        metrics.UPSTREAM_ERRORS.labels(self.name, "malformed").inc()
-        return UpstreamError(self.name, "malformed", message)
+    def _narinfo(self, body: bytes, hash_part: str) -> NarInfo:
+        """A 200 that is not a narinfo of the path (a captive portal's or a proxy's page) is
+        an error of this upstream, like a 5xx: never "not here", which Nix would cache."""
+        try:
+            if len(body) > MAX_NARINFO_BYTES:
+                raise NarInfoError("larger than 1 MiB")
+            return parse_for(body.decode(), hash_part)
+        except (NarInfoError, UnicodeDecodeError) as e:
+            metrics.VERIFY_FAILURES.labels("malformed").inc()
+            reason = "not UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
+            raise self._failed("narinfo", "malformed",
+                               f"answered 200 with something that is not a narinfo of "
+                               f"{hash_part} ({reason})") from None
 
     @asynccontextmanager
     async def nar(self, url: str) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -170,10 +215,9 @@ class Upstream:
         self._check_circuit("nar")
         full = urljoin(self.url, url)
         try:
-            resp = await self._session.get(full)
+            resp = await self._follow(full, "nar")
         except (aiohttp.ClientError, TimeoutError) as e:
             raise self._failed("nar", "connection", f"{type(e).__name__}: {e}") from None
-        metrics.UPSTREAM_REQUESTS.labels(self.name, "nar", resp.status).inc()
         try:
             if resp.status != 200:
                 reason = "not_found" if resp.status in NOT_HERE else "status"

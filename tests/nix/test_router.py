@@ -68,8 +68,9 @@ async def _get(server: TestServer, path: str) -> tuple[int, bytes]:
 
 
 def _servable(path: str) -> bool:
-    # A query string is not part of the path: "/nix-cache-info?" is /nix-cache-info.
-    return path.split("?", 1)[0] in ALWAYS_OK
+    # A query string or a fragment is not part of the path: "/nix-cache-info?" and
+    # "/nix-cache-info#" are /nix-cache-info.
+    return re.split(r"[?#]", path, maxsplit=1)[0] in ALWAYS_OK
 
 
 paths = st.one_of(

@@ -3,11 +3,12 @@ misused admin API and malformed upstream narinfos. Every answer is a clear 4xx (
 the upstream misbehaves), never a traceback, and the agent keeps serving.
 
 Malformed upstream narinfos, and what the client gets (documented behaviour):
-  missing field, bad hash, StorePath of another path, unsigned -> 404: the upstream has no
-      usable narinfo, so Nix tries its next substituter; counted as
-      verification_failures_total{reason="malformed"|"signature"};
-  larger than 1 MiB, not UTF-8 -> 503 with Retry-After: the upstream answered garbage, an
-      error rather than "not there" (a 404 would be cached by Nix for an hour).
+  missing field, bad hash, StorePath of another path, larger than 1 MiB, not UTF-8 -> 503
+      with Retry-After: a 200 that is not a narinfo of the path is an error of the upstream
+      (its circuit counts it), never "not there" (a 404 would be cached by Nix for an hour);
+      counted as verification_failures_total{reason="malformed"};
+  unsigned -> 404 saying so: the path is not available from this cache, so Nix tries its
+      next substituter; counted as verification_failures_total{reason="signature"}.
 """
 
 import asyncio
@@ -255,28 +256,28 @@ async def test_a_5mb_admin_body_is_413_and_the_agent_keeps_serving(agent: AgentP
 # --- malformed narinfos from upstream --------------------------------------------------------
 
 @pytest.mark.parametrize("case,status,reason", [
-    ("missing", 404, "malformed"),
-    ("badhash", 404, "malformed"),
-    ("mismatch", 404, "malformed"),
-    ("badsize", 404, "malformed"),
-    ("badref", 404, "malformed"),
+    ("missing", 503, "malformed"),
+    ("badhash", 503, "malformed"),
+    ("mismatch", 503, "malformed"),
+    ("badsize", 503, "malformed"),
+    ("badref", 503, "malformed"),
     ("unsigned", 404, "signature"),
-    ("huge", 503, None),
-    ("binary", 503, None),
+    ("huge", 503, "malformed"),
+    ("binary", 503, "malformed"),
 ])
 async def test_malformed_upstream_narinfos_are_refused_and_not_committed(
         agent: AgentProcess, case: str, status: int, reason: str | None) -> None:
-    before = agent.metric("flox_node_cache_verification_failures_total", reason=reason) \
-        if reason else 0
+    before = agent.metric("flox_node_cache_verification_failures_total", reason=reason)
     async with aiohttp.ClientSession() as s, s.get(f"{agent.url}/{H[case]}.narinfo") as r:
         assert r.status == status, await r.text()
         text = await r.text()
         if status == 503:
             assert r.headers.get("Retry-After")
     assert "Traceback" not in text
-    if reason:
-        after = agent.metric("flox_node_cache_verification_failures_total", reason=reason)
-        assert after == before + 1
+    if case == "unsigned":
+        assert text == "not signed\n"
+    after = agent.metric("flox_node_cache_verification_failures_total", reason=reason)
+    assert after == before + 1
     assert not (agent.store / f"{H[case]}.narinfo").exists()
     async with agent.unix_session() as s, s.get("http://agent/v1/status") as r:
         assert r.status == 200

@@ -54,13 +54,13 @@ class FakeSource:
         self.nar_calls: list[str] = []
         self.tamper = False
 
-    async def get_narinfo(self, hash_part: str) -> str | None:
+    async def get_narinfo(self, hash_part: str) -> NarInfo | None:
         self.narinfo_calls.append(hash_part)
         await asyncio.sleep(0.01)  # a round trip: concurrent askers overlap
         if self.error:
             raise UpstreamError(self.name, "http_503", "HTTP 503")
         entry = self.entries.get(hash_part)
-        return entry[0].render() if entry else None
+        return entry[0] if entry else None
 
     @asynccontextmanager
     async def nar(self, url: str) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -163,7 +163,20 @@ async def test_an_unsigned_narinfo_is_refused(store: Store) -> None:
     info, packed = _entry("f", b"x")
     source = FakeSource("up", {"f" * 32: (info.with_sigs(()), packed)})
     rt = _readthrough(store, source)
-    assert (await rt.narinfo("f" * 32)).row is None
+    found = await rt.narinfo("f" * 32)
+    assert found.row is None and found.reason == "not signed"
+
+
+async def test_a_miss_says_which_untrusted_keys_signed_it_even_from_the_negative_cache(
+        store: Store) -> None:
+    info, packed = _entry("e", b"x")
+    other = add_signature(info.with_sigs(()), SecretKey.generate("elsewhere-1"))
+    source = FakeSource("up", {"e" * 32: (other, packed)})
+    rt = _readthrough(store, FakeSource("empty"), source, negative_ttl=60.0)
+    for _ in range(2):
+        found = await rt.narinfo("e" * 32)
+        assert found.row is None and found.reason == "signed by an untrusted key: elsewhere-1"
+    assert source.narinfo_calls == ["e" * 32]
 
 
 async def test_a_committed_nar_is_in_use_while_its_handle_is_open(store: Store) -> None:

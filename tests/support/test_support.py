@@ -226,6 +226,18 @@ async def test_body_faults(upstream_server: UpstreamServer, nar: tuple[str, byte
     assert (await fetch(upstream_server.url + url))[2] == good
 
 
+async def test_html_and_redirect_faults(upstream_server: UpstreamServer,
+                                        nar: tuple[str, bytes]) -> None:
+    upstream_server.set_fault("*.narinfo", Fault("html"))
+    status, headers, body = await fetch(f"{upstream_server.url}/{'0' * 32}.narinfo")
+    assert (status, headers["Content-Type"].split(";")[0]) == (200, "text/html")
+    assert b"<html>" in body
+    upstream_server.set_fault(nar[0], Fault("redirect", code=307, location="http://x.invalid"))
+    async with aiohttp.ClientSession(timeout=SHORT) as session, \
+            session.get(upstream_server.url + nar[0], allow_redirects=False) as resp:
+        assert (resp.status, resp.headers["Location"]) == (307, "http://x.invalid" + nar[0])
+
+
 async def test_bad_signature_fault(upstream_server: UpstreamServer, small_closure: Closure,
                                    signing_key: tuple[Path, str]) -> None:
     key = PublicKey.parse(signing_key[1])

@@ -29,7 +29,7 @@ from agent.nix.signing import SecretKey
 
 FaultKind = Literal[
     "status", "tamper", "truncate", "bad_signature", "stall", "reset", "wrong_length",
-    "drip", "delay",
+    "drip", "delay", "html", "redirect",
 ]
 FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
 
@@ -44,6 +44,8 @@ class Fault:
     hang with the connection open. reset: send half then abort the TCP connection (RST).
     wrong_length: announce more bytes than the body has, then close. drip: send `chunk`
     bytes every `delay` seconds. delay: wait `delay` seconds, then answer normally.
+    html: answer 200 with an HTML page, as a captive portal or a proxy does. redirect: answer
+    `code` (a 3xx) with `Location: <location><request path>`.
     times: apply to the next N matching requests only (None: all of them).
     """
 
@@ -52,6 +54,7 @@ class Fault:
     delay: float = 0.0
     chunk: int = 8
     times: int | None = None
+    location: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -76,6 +79,10 @@ def dead_url() -> str:
     sock.bind(("127.0.0.1", 0))
     _DEAD_SOCKETS.append(sock)
     return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+CAPTIVE_PORTAL = ("<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n"
+                  "<body><p>Sign in to the network to continue.</p></body></html>\n")
 
 
 def _content_type(path: str) -> str:
@@ -254,6 +261,11 @@ class UpstreamServer:
             fault = None
         if fault is not None and fault.kind == "status":
             return web.Response(status=fault.code)
+        if fault is not None and fault.kind == "redirect":
+            return web.Response(status=fault.code,
+                                headers={"Location": fault.location + request.path_qs})
+        if fault is not None and fault.kind == "html":
+            return web.Response(text=CAPTIVE_PORTAL, content_type="text/html")
         body = self._file(request.path)
         if body is None:
             return web.Response(status=404)
