@@ -305,23 +305,22 @@ def rule_table(role: Obj) -> dict[tuple[str, str], set[str]]:
     return table
 
 
-READ = {"get", "list", "watch"}
+# What the code calls, as derived from the API server's request log in tests/kube/test_rbac.py.
+LIST_WATCH = {"list", "watch"}
 AGENT_RULES = {
-    ("", "pods"): READ,
-    # The brief said get; agent/kube/agent.py list+watches its own node (fieldSelector).
-    ("", "nodes"): READ,
-    ("apps", "deployments"): READ,
-    ("apps", "statefulsets"): READ,
-    ("apps", "daemonsets"): READ,
-    ("batch", "jobs"): READ,
-    ("batch", "cronjobs"): READ,
-    ("nodecache.flox.dev", "environmentprewarms"): READ | {"patch"},
-    ("nodecache.flox.dev", "environmentprewarms/status"): READ | {"patch"},
-    ("", "events"): {"create", "patch"},
+    ("", "pods"): LIST_WATCH,
+    ("", "nodes"): LIST_WATCH,  # its own node, by fieldSelector
+    ("apps", "deployments"): LIST_WATCH,
+    ("apps", "statefulsets"): LIST_WATCH,
+    ("apps", "daemonsets"): LIST_WATCH,
+    ("batch", "jobs"): LIST_WATCH,
+    ("batch", "cronjobs"): LIST_WATCH,
+    ("nodecache.flox.dev", "environmentprewarms"): LIST_WATCH,
+    ("nodecache.flox.dev", "environmentprewarms/status"): {"patch"},
+    ("", "events"): {"create"},
 }
 PREWARMER_RULES = {
-    ("nodecache.flox.dev", "environmentprewarms"): READ | {"create", "update", "patch"},
-    ("nodecache.flox.dev", "environmentprewarms/status"): READ,
+    ("nodecache.flox.dev", "environmentprewarms"): {"get", "create", "patch"},
     ("", "nodes"): {"list"},  # agent/kube/rollout.py: the nodes the selector matches
 }
 
