@@ -13,6 +13,7 @@ from agent import metrics
 from agent.config import Config, parse_size
 from agent.flox.floxhub import FloxHub, ResolvedEnv
 from agent.flox.watch import GenerationWatch
+from agent.kube import health as kube_health
 from agent.prefetch import Prefetcher, Target
 from agent.store.gc import collect
 from agent.store.recompress import Recompressor
@@ -176,6 +177,7 @@ class Agent:
             "upstreams": {u.name: "circuit_open" if u.breaker.is_open else "ok"
                           for u in self.upstreams},
             "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
+            "kubernetes": kube_health.status(),
         }
 
     def background(self) -> list[Coroutine[Any, Any, None]]:

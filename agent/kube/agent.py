@@ -1,4 +1,9 @@
-"""`run_kubernetes`: start every watcher of the agent and run until cancelled."""
+"""`run_kubernetes`: start every watcher of the agent and run until cancelled.
+
+The watchers start together and fail alone: a denied or failing Node watch leaves pods,
+prewarms and workloads working (until the node's labels are known, only prewarms and
+workloads that select no labels apply). Each watcher's health is in `agent.kube.health`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s
 
+from agent.kube import health
 from agent.kube.background import Background
 from agent.kube.client import FLOX_RUNTIME_CLASS, GROUP, PLURAL, VERSION, make_api_client
 from agent.kube.pods import PodHandler
@@ -25,6 +31,7 @@ Obj = dict[str, Any]
 class KubeOptions:
     watch: WatchOptions = field(default_factory=WatchOptions)
     report_interval: float = 2.0  # at most one progress status write per resource per interval
+    request_timeout: float = 30.0  # every API call that is not a watch (status writes, Events)
     runtime_classes: frozenset[str] = frozenset({FLOX_RUNTIME_CLASS})
 
 
@@ -56,28 +63,33 @@ async def run_kubernetes(prewarmer: Prewarmer, *, node_name: str, kubeconfig: st
     workloads = Workloads(prewarmer, background, system=system,
                           runtime_classes=opts.runtime_classes)
     prewarms = PrewarmHandler(api, prewarmer, node_name=node_name, system=system,
-                              report_interval=opts.report_interval)
+                              report_interval=opts.report_interval,
+                              request_timeout=opts.request_timeout)
     pods = PodHandler(prewarmer, background, node_name=node_name, system=system,
                       runtime_classes=opts.runtime_classes)
     core = k8s.CoreV1Api(api)
-    node_watch = ListWatch("nodes", core.list_node, NodeHandler(node_name, [workloads, prewarms]),
-                           {"field_selector": f"metadata.name={node_name}"}, opts.watch)
+
+    def watch(resource: str, list_fn: Any, handler: Any, params: Obj) -> ListWatch:
+        return ListWatch(resource, list_fn, handler, params, opts.watch,
+                         health.register(node_name, resource))
+
     watches = [
-        ListWatch("pods", core.list_pod_for_all_namespaces, pods,
-                  {"field_selector": f"spec.nodeName={node_name}"}, opts.watch),
-        ListWatch(PLURAL, _custom_list(k8s.CustomObjectsApi(api)), prewarms, {}, opts.watch),
+        watch("nodes", core.list_node, NodeHandler(node_name, [workloads, prewarms]),
+              {"field_selector": f"metadata.name={node_name}"}),
+        watch("pods", core.list_pod_for_all_namespaces, pods,
+              {"field_selector": f"spec.nodeName={node_name}"}),
+        watch(PLURAL, _custom_list(k8s.CustomObjectsApi(api)), prewarms, {}),
     ]
     for kind, (api_class, method) in KINDS.items():
         list_fn = getattr(getattr(k8s, api_class)(api), method)
-        watches.append(ListWatch(kind.lower(), list_fn, workloads.handler(kind), {}, opts.watch))
+        watches.append(watch(kind.lower() + "s", list_fn, workloads.handler(kind), {}))
     log.info("kubernetes watchers starting", extra={"fields": {"node": node_name}})
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(node_watch.run())
-            await node_watch.ready.wait()  # labels first: they decide what applies here
             for w in watches:
                 tg.create_task(w.run())
     finally:
+        health.unregister(node_name)
         await prewarms.close()
         await background.close()
         await api.close()

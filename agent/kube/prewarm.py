@@ -1,10 +1,11 @@
 """The agent side of EnvironmentPrewarm: prefetch on matching nodes and report per node.
 
 Each agent writes only `status.nodes.<its node>` with a JSON merge patch on the status
-subresource, so agents never overwrite each other. Work restarts when `metadata.generation`
-changes (spec edits take effect; status writes do not bump it). A deadline marks the node
-Failed "deadline exceeded" but does not cancel the prefetch: the node still turns Ready when
-it finishes, so a late node ends up warm.
+subresource, so agents never overwrite each other; a failed write is retried until it lands
+or is superseded, and after every relist each node writes its current entry again. Work
+restarts when the uid or `metadata.generation` changes (spec edits take effect; status writes
+do not bump it). A deadline marks the node Failed "deadline exceeded" but does not cancel the
+prefetch: the node still turns Ready when it finishes, so a late node ends up warm.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from agent.kube.client import COMPONENT, GROUP, KIND, PLURAL, VERSION
 from agent.kube.types import Job, Prewarmer
+from agent.kube.watch import Backoff, retry_after
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -53,17 +57,30 @@ def prewarm_holder(name: str) -> str:
     return f"prewarm:{name}"
 
 
+@dataclass
+class Worker:
+    uid: str
+    generation: int
+    task: asyncio.Task[None]
+
+
 class PrewarmHandler:
-    """Watch handler for EnvironmentPrewarm resources: one worker per resource."""
+    """Watch handler for EnvironmentPrewarm resources: one worker per resource on this node.
+
+    Work is keyed by uid and generation: a resource deleted and recreated under the same name
+    (even unseen, during a watch gap) is new work; a status write is not.
+    """
 
     def __init__(self, api: ApiClient, prewarmer: Prewarmer, *, node_name: str,
-                 system: str | None, report_interval: float = 2.0) -> None:
+                 system: str | None, report_interval: float = 2.0,
+                 request_timeout: float = 30.0) -> None:
         self.custom, self.core = CustomObjectsApi(api), CoreV1Api(api)
         self.prewarmer, self.node_name, self.system = prewarmer, node_name, system
-        self.report_interval = report_interval
+        self.report_interval, self.request_timeout = report_interval, request_timeout
         self.node_labels: dict[str, str] = {}
         self.objects: dict[str, Obj] = {}
-        self.workers: dict[str, tuple[int, asyncio.Task[None]]] = {}
+        self.workers: dict[str, Worker] = {}
+        self.reporters: dict[str, Reporter] = {}  # while the object exists: its node entry
 
     async def resync(self, objects: list[Obj]) -> None:
         names = {o["metadata"]["name"] for o in objects}
@@ -71,10 +88,14 @@ class PrewarmHandler:
             await self._forget(name)
         for obj in objects:
             await self._consider(obj)
+        for reporter in self.reporters.values():
+            reporter.resend()  # whatever was lost meanwhile (a restore, a lost write)
 
     async def event(self, type_: str, obj: Obj) -> None:
+        name = obj["metadata"]["name"]
         if type_ == "DELETED":
-            await self._forget(obj["metadata"]["name"])
+            if _uid(obj) == _uid(self.objects.get(name)):
+                await self._forget(name)
         else:
             await self._consider(obj)
 
@@ -87,42 +108,52 @@ class PrewarmHandler:
     async def close(self) -> None:
         for name in list(self.workers):
             await self._stop(name)
+        for reporter in self.reporters.values():
+            reporter.close()
 
     async def _consider(self, obj: Obj) -> None:
-        name = obj["metadata"]["name"]
+        name, uid = obj["metadata"]["name"], _uid(obj)
         generation = int(obj["metadata"].get("generation") or 1)
+        known = self.objects.get(name)
+        if known is not None and _uid(known) != uid:
+            await self._forget(name)  # deleted and recreated: the old one's pins go
         self.objects[name] = obj
+        reporter = self.reporters.get(name)
+        if reporter is None:
+            reporter = self.reporters[name] = Reporter(self.custom, self.core, obj,
+                                                       self.node_name, self.request_timeout)
+        reporter.obj = obj
         selector = (obj.get("spec") or {}).get("nodeSelector")
         if not selector_matches(selector, self.node_labels):
             if name in self.workers:  # an edit moved it off this node
                 await self._stop(name)
                 self.prewarmer.unpin(prewarm_holder(name))
-                await self._reporter(obj).clear()
+                reporter.clear()
             return
-        if name in self.workers and self.workers[name][0] == generation:
+        worker = self.workers.get(name)
+        if worker and (worker.uid, worker.generation) == (uid, generation):
             return  # a status write (ours or another node's), not a spec change
         await self._stop(name)
-        task = asyncio.get_running_loop().create_task(self._worker(obj))
-        self.workers[name] = (generation, task)
+        task = asyncio.get_running_loop().create_task(self._worker(obj, reporter))
+        self.workers[name] = Worker(uid, generation, task)
 
     async def _forget(self, name: str) -> None:
         self.objects.pop(name, None)
         await self._stop(name)
+        if reporter := self.reporters.pop(name, None):
+            reporter.close()
         self.prewarmer.unpin(prewarm_holder(name))
 
     async def _stop(self, name: str) -> None:
-        _, task = self.workers.pop(name, (0, None))
-        if task:
-            task.cancel()
+        worker = self.workers.pop(name, None)
+        if worker:
+            worker.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await worker.task
 
-    def _reporter(self, obj: Obj) -> Reporter:
-        return Reporter(self.custom, self.core, obj, self.node_name)
-
-    async def _worker(self, obj: Obj) -> None:
+    async def _worker(self, obj: Obj, reporter: Reporter) -> None:
         try:
-            await PrewarmWork(self, obj).run()
+            await PrewarmWork(self, obj, reporter).run()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -131,30 +162,74 @@ class PrewarmHandler:
 
 
 class Reporter:
-    """Writes this node's entry of one resource's status, and Events."""
+    """Writes this node's entry of one resource's status, and Events.
+
+    The latest wanted entry is written in the background, retried with backoff until it lands
+    or a newer one supersedes it (a lost Ready write would hold the rollout gate until its
+    deadline); each attempt has a timeout. A uid precondition keeps a write meant for a
+    deleted resource off its same-named successor.
+    """
 
     def __init__(self, custom: CustomObjectsApi, core: CoreV1Api, obj: Obj,
-                 node_name: str) -> None:
+                 node_name: str, request_timeout: float = 30.0) -> None:
         self.custom, self.core, self.obj, self.node = custom, core, obj, node_name
-        self.name = obj["metadata"]["name"]
+        self.name, self.uid = obj["metadata"]["name"], _uid(obj)
+        self.timeout = request_timeout
+        self.wanted: Obj | None = None  # the patch body to land
+        self.landed: Obj | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    async def status(self, phase: str, jobs: list[Job], message: str = "") -> None:
+    def status(self, phase: str, jobs: list[Job], message: str = "") -> None:
         entry: Obj = {"phase": phase, **_totals(jobs), "message": message,
                       "lastUpdate": now_rfc3339(),
                       "observedGeneration": int(self.obj["metadata"].get("generation") or 1)}
-        await self._patch({"status": {"nodes": {self.node: entry}}})
+        self._want(entry)
 
-    async def clear(self) -> None:
-        await self._patch({"status": {"nodes": {self.node: None}}})
+    def clear(self) -> None:
+        self._want(None)
 
-    async def _patch(self, body: Obj) -> None:
-        try:
-            await self.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, PLURAL, self.name, body, _content_type=MERGE_PATCH)
-        except ApiException as e:
-            # 404: deleted meanwhile (the watch will tell us); anything else: next report retries
-            level = logging.DEBUG if e.status == 404 else logging.WARNING
-            log.log(level, "status patch of %s failed: %s %s", self.name, e.status, e.reason)
+    def resend(self) -> None:
+        self.landed = None
+        if self.wanted is not None:
+            self._kick()
+
+    def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def _want(self, entry: Obj | None) -> None:
+        self.wanted = {"metadata": {"uid": self.uid},
+                       "status": {"nodes": {self.node: entry}}}
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        backoff = Backoff(0.5, 30.0)
+        while self.wanted is not None and self.wanted is not self.landed:
+            body = self.wanted
+            try:
+                await self.custom.patch_cluster_custom_object_status(
+                    GROUP, VERSION, PLURAL, self.name, body, _content_type=MERGE_PATCH,
+                    _request_timeout=self.timeout)
+            except ApiException as e:
+                if e.status in (404, 409):  # deleted (and maybe recreated): the watch says
+                    log.debug("status of %s not written: %s", self.name, e.status)
+                    return
+                log.warning("status patch of %s failed: %s %s; retrying", self.name,
+                            e.status, e.reason)
+                wait = retry_after((e.headers or {}).get("Retry-After"))
+                await asyncio.sleep(max(wait, backoff.next_delay()))
+                continue
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.warning("status patch of %s failed: %s; retrying", self.name,
+                            e or type(e).__name__)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            self.landed = body
+            backoff.reset()
 
     async def warn(self, message: str) -> None:
         meta = self.obj["metadata"]
@@ -170,24 +245,29 @@ class Reporter:
             "source": {"component": COMPONENT, "host": self.node},
             "reportingComponent": COMPONENT, "reportingInstance": self.node,
         }
-        try:
-            await self.core.create_namespaced_event(EVENT_NAMESPACE, event)
-        except ApiException as e:
-            log.warning("cannot create event for %s: %s %s", self.name, e.status, e.reason)
+        try:  # best effort: the status entry carries the same message
+            await self.core.create_namespaced_event(EVENT_NAMESPACE, event,
+                                                    _request_timeout=self.timeout)
+        except (ApiException, aiohttp.ClientError, TimeoutError) as e:
+            log.warning("cannot create event for %s: %s", self.name, e)
+
+
+def _uid(obj: Obj | None) -> str:
+    return str(((obj or {}).get("metadata") or {}).get("uid") or "")
 
 
 class PrewarmWork:
     """One generation of one resource on this node: Pending -> Pulling -> Ready | Failed."""
 
-    def __init__(self, handler: PrewarmHandler, obj: Obj) -> None:
+    def __init__(self, handler: PrewarmHandler, obj: Obj, reporter: Reporter) -> None:
         self.h, self.obj = handler, obj
         self.spec: Obj = obj.get("spec") or {}
         self.name: str = obj["metadata"]["name"]
-        self.report = handler._reporter(obj)
+        self.report = reporter
 
     async def run(self) -> None:
         holder = prewarm_holder(self.name)
-        await self.report.status("Pending", [])
+        self.report.status("Pending", [])
         self.h.prewarmer.unpin(holder)  # pins of an edited-away generation must not linger
         try:
             jobs = await self._start_jobs(holder)
@@ -199,7 +279,7 @@ class PrewarmWork:
         if failed:
             await self._fail(jobs, "; ".join(f"{j.ref}: {j.error or 'failed'}" for j in failed))
         else:
-            await self.report.status("Ready", jobs, "ready after the deadline" if late else "")
+            self.report.status("Ready", jobs, "ready after the deadline" if late else "")
 
     async def _start_jobs(self, holder: str) -> list[Job]:
         pin = holder if self.spec.get("pin", True) else None
@@ -221,7 +301,7 @@ class PrewarmWork:
                                            f"{p['pathsTotal']} paths)")
                 elif not late and _totals(jobs) != last:
                     last = _totals(jobs)  # unchanged progress is not rewritten: every write
-                    await self.report.status("Pulling", jobs)  # wakes every agent's watch
+                    self.report.status("Pulling", jobs)  # wakes every agent's watch
                 timeout = self.h.report_interval
                 if remaining is not None and remaining > 0:
                     timeout = min(timeout, remaining)
@@ -234,7 +314,7 @@ class PrewarmWork:
 
     async def _fail(self, jobs: list[Job], message: str) -> None:
         log.warning("prewarm %s failed on this node: %s", self.name, message)
-        await self.report.status("Failed", jobs, message)
+        self.report.status("Failed", jobs, message)
         await self.report.warn(message)
 
 

@@ -5,6 +5,7 @@ import time
 
 from aiohttp import web
 
+from agent.kube import health as kube_health
 from agent.runtime import Agent
 
 
@@ -25,6 +26,7 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         checks["free_bytes"] = agent.store.free_bytes()
         checks["upstreams"] = {u.name: "circuit_open" if u.breaker.is_open else "ok"
                                for u in agent.upstreams}
+        checks["kubernetes"] = kube_health.status()  # per-watcher health, never unready
         body = {"ready": ready, "degraded": agent.store.disk_full or any(
             u.breaker.is_open for u in agent.upstreams), "checks": checks, "time": time.time()}
         return web.Response(status=200 if ready else 503, text=json.dumps(body) + "\n",

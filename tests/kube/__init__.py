@@ -25,9 +25,11 @@ FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 Obj = dict[str, Any]
 
 # short intervals so the suite stays fast; the code paths are the production ones
-FAST = KubeOptions(watch=WatchOptions(timeout_seconds=30, page_size=2, backoff_base=0.2,
-                                      backoff_cap=0.5, min_stream_seconds=0.05),
-                   report_interval=0.1)
+FAST = KubeOptions(watch=WatchOptions(timeout_seconds=30, read_timeout=1.0, request_timeout=5.0,
+                                      page_size=2, backoff_base=0.2, backoff_cap=0.5,
+                                      min_stream_seconds=0.05),
+                   report_interval=0.1, request_timeout=0.5)
+BOOKMARK_INTERVAL = 0.2  # the fixture's server: well within FAST's read timeout
 
 
 @dataclass
@@ -162,7 +164,7 @@ def prewarm_resource(name: str, refs: list[str], *, selector: dict[str, str] | N
 
 @pytest.fixture
 def kubeapi() -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI() as api:
+    with FakeKubeAPI(bookmark_interval=BOOKMARK_INTERVAL) as api:
         yield api
 
 

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from tests.support.lockfiles import lockfile_for
 from tests.support.nixenv import Closure, nix_copy
 from tests.support.upstream import UpstreamServer
 
+AGENT_SA = ("flox-node-cache", "flox-node-cache")
+
 
 @pytest.fixture
 def cluster(tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
@@ -29,10 +32,15 @@ def cluster(tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[
     meta.add_generation("acme", "web", lockfile_for(*small_closure.roots))
     meta.add_generation("acme", "api", lockfile_for(*big_path_closure.roots))
     with FakeKubeAPI() as api, GitHTTPServer(meta.root) as git:
-        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        # the agent runs as its service account, under daemonset/base/rbac.yaml
+        agent_config = api.write_kubeconfig(tmp_path / "agent-kubeconfig",
+                                            service_account=AGENT_SA)
+        api.bind("flox-node-cache-prewarmer", "ci", "deployer")
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", service_account=("ci",
+                                                                                    "deployer"))
         api.create(node("n1"))
         with AgentProcess(tmp_path / "agent", [upstream_server.url], [signing_key[1]],
-                          "--kubernetes", "on", "--kubeconfig", str(kubeconfig),
+                          "--kubernetes", "on", "--kubeconfig", str(agent_config),
                           "--node-name", "n1", "--floxhub-git-url", git.url) as agent:
             yield api, agent, kubeconfig
 
@@ -73,6 +81,25 @@ def test_pod_on_the_node_prefetches_and_pins_its_environment(
 
     api.delete(web)
     eventually(lambda: environments(agent)["acme/web"]["pinned_by"] == [], "unpinned")
+
+
+def test_watcher_health_in_readyz_status_and_metrics(
+        cluster: tuple[FakeKubeAPI, AgentProcess, Path]) -> None:
+    _, agent, _ = cluster
+
+    def watchers() -> dict:
+        with urllib.request.urlopen(agent.metrics_url + "/readyz", timeout=5) as r:
+            return json.loads(r.read())["checks"]["kubernetes"]["watchers"].get("n1", {})
+
+    eventually(lambda: watchers().get("pods", {}).get("last_list"), "pods listed")
+    state = watchers()
+    assert set(state) >= {"nodes", "pods", "environmentprewarms", "deployments", "cronjobs"}
+    assert all(w["consecutive_failures"] == 0 for w in state.values())
+    out = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--socket",
+                          str(agent.socket)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["store"]["kubernetes"]["healthy"] is True
+    assert agent.metric("flox_node_cache_kube_watch_consecutive_failures",
+                        resource="nodes") == 0
 
 
 def test_cluster_prewarm_gate_waits_for_the_real_agent(

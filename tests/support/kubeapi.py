@@ -247,6 +247,7 @@ class Watcher:
     selector: Selector
     bookmarks: bool
     queue: asyncio.Queue[Change | str]
+    mute: bool = False  # black-holed: stays open, delivers nothing ever again
 
 
 class Store:
@@ -600,11 +601,15 @@ class FakeKubeAPI:
         self._watches_paused.clear()
 
     def silence_watches(self, silent: bool = True) -> None:
-        """Watches stay open but deliver nothing, bookmarks included (a black-holing proxy)."""
-        if silent:
-            self._silent.set()
-        else:
-            self._silent.clear()
+        """Open watches (and new ones, until called with False) stay open but never deliver
+        anything again, bookmarks included: a black-holing proxy."""
+        with self.store.lock:
+            if silent:
+                self._silent.set()
+                for w in self.store.watchers:
+                    w.mute = True
+            else:
+                self._silent.clear()
 
     def compact(self) -> None:
         """Forget history: watches from an older resourceVersion now get 410 Gone."""
@@ -764,6 +769,11 @@ class FakeKubeAPI:
             raise ApiError(400, "BadRequest", "a merge patch must be a JSON object")
         with self.store.lock:
             old = self.store.get(res, ns, name)
+            want_uid = ((patch.get("metadata") or {}).get("uid")
+                        if isinstance(patch, dict) else None)
+            if want_uid and want_uid != old["metadata"]["uid"]:
+                raise ApiError(409, "Conflict", f"Precondition failed: UID in precondition: "
+                               f"{want_uid}, UID in object meta: {old['metadata']['uid']}")
             try:
                 new = json_patch(old, patch) if ctype == JSON_PATCH else merge_patch(old, patch)
             except PatchError as e:
@@ -824,6 +834,7 @@ class FakeKubeAPI:
             await resp.write_eof()
             return resp
         watcher, backlog = added
+        watcher.mute = self._silent.is_set()
         lifetime = random.uniform(*self.watch_lifetime)
         if q.get("timeoutSeconds"):
             lifetime = min(lifetime, float(q["timeoutSeconds"]))
@@ -858,7 +869,7 @@ class FakeKubeAPI:
             request.transport.abort()
         if change in ("CLOSE", "ABORT"):
             return False
-        if self._silent.is_set():
+        if w.mute:
             return True
         if isinstance(change, str) and change.startswith("BOOKMARK:"):
             if w.bookmarks:
