@@ -12,7 +12,7 @@ from typing import Any
 from agent import metrics
 from agent.config import Config, parse_size
 from agent.flox.floxhub import FloxHub, ResolvedEnv
-from agent.flox.watch import GenerationWatch
+from agent.flox.watch import GenerationWatch, holds_a_generation
 from agent.kube import health as kube_health
 from agent.prefetch import Prefetcher, Target
 from agent.store.gc import collect
@@ -127,7 +127,8 @@ class Agent:
 
     async def _new_generation(self, resolved: ResolvedEnv) -> None:
         ref = str(resolved.ref.unpinned)
-        holders = self.store.index.holders_of(self._closure_head(ref))
+        holders = {h for h in self.store.index.holders_of(self._closure_head(ref))
+                   if not holds_a_generation(h)}  # an explicit `owner/env:N` pin stays on N
         log.info("new generation, prefetching", extra={"fields": {
             "environment": ref, "generation": resolved.generation}})
         job = self.prefetcher.submit(Target.parse(ref=ref))

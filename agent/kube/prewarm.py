@@ -53,8 +53,10 @@ def selector_matches(selector: dict[str, str] | None, labels: dict[str, str]) ->
     return all(labels.get(k) == v for k, v in (selector or {}).items())
 
 
-def prewarm_holder(name: str) -> str:
-    return f"prewarm:{name}"
+def prewarm_holder(name: str, ref: str) -> str:
+    """One holder per ref: a holder pins one closure, and one named after an explicit
+    generation stays on it when the live generation moves (agent/flox/watch.py)."""
+    return f"prewarm:{name}:{ref}"
 
 
 @dataclass
@@ -81,6 +83,7 @@ class PrewarmHandler:
         self.objects: dict[str, Obj] = {}
         self.workers: dict[str, Worker] = {}
         self.reporters: dict[str, Reporter] = {}  # while the object exists: its node entry
+        self.pinned: dict[str, set[str]] = {}  # name -> pin holders taken for it
 
     async def resync(self, objects: list[Obj]) -> None:
         names = {o["metadata"]["name"] for o in objects}
@@ -127,7 +130,7 @@ class PrewarmHandler:
         if not selector_matches(selector, self.node_labels):
             if name in self.workers:  # an edit moved it off this node
                 await self._stop(name)
-                self.prewarmer.unpin(prewarm_holder(name))
+                self.unpin(name)
                 reporter.clear()
             return
         worker = self.workers.get(name)
@@ -142,7 +145,15 @@ class PrewarmHandler:
         await self._stop(name)
         if reporter := self.reporters.pop(name, None):
             reporter.close()
-        self.prewarmer.unpin(prewarm_holder(name))
+        self.unpin(name)
+
+    def unpin(self, name: str, keep: frozenset[str] = frozenset()) -> None:
+        """Release the pins taken for `name`, but those in `keep`."""
+        held = self.pinned.pop(name, set())
+        for holder in held - keep:
+            self.prewarmer.unpin(holder)
+        if held & keep:
+            self.pinned[name] = held & keep
 
     async def _stop(self, name: str) -> None:
         worker = self.workers.pop(name, None)
@@ -266,11 +277,13 @@ class PrewarmWork:
         self.report = reporter
 
     async def run(self) -> None:
-        holder = prewarm_holder(self.name)
+        refs = self.spec.get("environments") or []
+        holders = {r: prewarm_holder(self.name, r) for r in refs if self.spec.get("pin", True)}
         self.report.status("Pending", [])
-        self.h.prewarmer.unpin(holder)  # pins of an edited-away generation must not linger
+        self.h.unpin(self.name, keep=frozenset(holders.values()))  # edited-away refs' pins go
+        self.h.pinned.setdefault(self.name, set()).update(holders.values())
         try:
-            jobs = await self._start_jobs(holder)
+            jobs = await self._start_jobs(holders)
         except Exception as e:
             await self._fail([], f"cannot start prefetch: {e}")
             return
@@ -281,10 +294,9 @@ class PrewarmWork:
         else:
             self.report.status("Ready", jobs, "ready after the deadline" if late else "")
 
-    async def _start_jobs(self, holder: str) -> list[Job]:
-        pin = holder if self.spec.get("pin", True) else None
+    async def _start_jobs(self, holders: dict[str, str]) -> list[Job]:
         system = self.spec.get("system") or self.h.system
-        return [await self.h.prewarmer.prewarm(ref, pin=pin, system=system)
+        return [await self.h.prewarmer.prewarm(ref, pin=holders.get(ref), system=system)
                 for ref in self.spec.get("environments") or []]
 
     async def _follow(self, jobs: list[Job], deadline: float | None) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import node, pod
+from tests.kube import node, pod, prewarm_resource
 from tests.support.agent import AgentProcess
 from tests.support.floxmeta import Floxmeta
 from tests.support.gitserver import GitHTTPServer
@@ -114,3 +114,20 @@ def test_cluster_prewarm_gate_waits_for_the_real_agent(
     assert status["phase"] == "Ready"
     assert status["pathsDone"] == status["pathsTotal"] > 0
     assert environments(agent)["acme/api"]["complete"]
+
+
+def test_a_prewarm_pins_every_environment_it_names_until_deleted(
+        cluster: tuple[FakeKubeAPI, AgentProcess, Path]) -> None:
+    api, agent, _ = cluster
+    obj = api.create(prewarm_resource("both", ["acme/web", "acme/api:1"]))
+
+    def pinned() -> dict[str, list[str]]:
+        envs = environments(agent)
+        return {ref: envs[ref]["pinned_by"] for ref in ("acme/web", "acme/api:1")
+                if ref in envs and envs[ref]["complete"]}
+
+    eventually(lambda: len(pinned()) == 2 and all(pinned().values()), "both pinned")
+    assert pinned() == {"acme/web": ["prewarm:both:acme/web"],
+                        "acme/api:1": ["prewarm:both:acme/api:1"]}
+    api.delete(obj)
+    eventually(lambda: pinned() == {"acme/web": [], "acme/api:1": []}, "both unpinned")

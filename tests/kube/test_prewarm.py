@@ -44,7 +44,8 @@ async def test_three_agents_report_their_own_node_without_overwriting(
 
     for n in NODES:
         await eventually(lambda n=n: phase(kubeapi, "rollout", n) == "Pulling", what=n)
-        assert ("flox/quotes-app:3", "prewarm:rollout", "x86_64-linux") in pws[n].calls
+        assert ("flox/quotes-app:3", "prewarm:rollout:flox/quotes-app:3",
+                "x86_64-linux") in pws[n].calls
     pws["n2"].jobs["flox/redis"].advance(4, 400)
     await eventually(lambda: node_status(kubeapi, "rollout", "n2").get("bytesDone") == 400)
     assert node_status(kubeapi, "rollout", "n2")["pathsTotal"] == 20  # both envs summed
@@ -84,7 +85,8 @@ async def test_failure_reports_reason_and_event_and_deletion_unpins(
     assert "narinfo signature invalid" in ev["message"]
 
     kubeapi.delete(kubeapi.get("EnvironmentPrewarm", "bad"))
-    await eventually(lambda: "prewarm:bad" in pw.unpins)
+    await eventually(lambda: {"prewarm:bad:flox/redis", "prewarm:bad:flox/broken"}
+                     <= set(pw.unpins))
 
 
 async def test_edit_takes_effect_and_selector_and_pin_are_honoured(
@@ -104,7 +106,7 @@ async def test_edit_takes_effect_and_selector_and_pin_are_honoured(
     assert kubeapi.update(obj)["metadata"]["generation"] == 2
     await eventually(lambda: node_status(kubeapi, "gpu", "n1").get("observedGeneration") == 2
                      and phase(kubeapi, "gpu", "n1") == "Ready")
-    assert p1.calls[-1] == ("flox/cuda:2", "prewarm:gpu", "x86_64-linux")
+    assert p1.calls[-1] == ("flox/cuda:2", "prewarm:gpu:flox/cuda:2", "x86_64-linux")
     # status writes from the agent (no generation change) did not restart the work
     await stays(lambda: len(p1.calls) == 2)
 
@@ -133,4 +135,4 @@ async def test_node_joining_later_acts_on_existing_resources(
     kubeapi.create(node("n9"))
     late = agents.start("n9")
     await eventually(lambda: phase(kubeapi, "early", "n9") == "Ready")
-    assert late.calls == [("flox/redis", "prewarm:early", "x86_64-linux")]
+    assert late.calls == [("flox/redis", "prewarm:early:flox/redis", "x86_64-linux")]
