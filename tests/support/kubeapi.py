@@ -135,6 +135,7 @@ class Recorded:
     namespace: str = ""
     name: str = ""
     user: str = ""  # system:serviceaccount:<ns>:<name>, or the admin
+    status: int = 0  # the HTTP status answered
 
 
 @dataclass
@@ -673,6 +674,12 @@ class FakeKubeAPI:
         rec = _record(request, q)
         rec.user = self.tokens.get(request.headers.get("Authorization", "")[7:], "")
         self.requests.append(rec)
+        resp = await self._answer(request, rec, q)
+        rec.status = resp.status
+        return resp
+
+    async def _answer(self, request: web.Request, rec: Recorded,
+                      q: dict[str, str]) -> web.StreamResponse:
         try:
             if not rec.user:
                 raise ApiError(401, "Unauthorized", "Unauthorized")
