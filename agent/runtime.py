@@ -102,7 +102,7 @@ class Agent:
         cfg = self.config
         await run_kubernetes(self.prefetcher, node_name=cfg.node_name or "",
                              kubeconfig=str(cfg.kubeconfig) if cfg.kubeconfig else None,
-                             system=cfg.system)
+                             system=cfg.system, pin_holders=self.store.index.pin_holders)
 
     async def _scrub_loop(self) -> None:
         scrubber = Scrubber(self.store, parse_size(self.config.scrub_rate))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +56,12 @@ class NodeHandler:
 
 
 async def run_kubernetes(prewarmer: Prewarmer, *, node_name: str, kubeconfig: str | None,
-                         system: str | None, options: KubeOptions | None = None) -> None:
-    """Follow pods on this node, workloads and EnvironmentPrewarms until cancelled."""
+                         system: str | None, options: KubeOptions | None = None,
+                         pin_holders: Callable[[], Iterable[str]] = tuple) -> None:
+    """Follow pods on this node, workloads and EnvironmentPrewarms until cancelled.
+
+    `pin_holders` lists the holders pinned in the node's store, so pins of prewarms deleted
+    while the agent was down are released when it returns."""
     opts = options or KubeOptions()
     api = await make_api_client(kubeconfig)
     background = Background()
@@ -64,7 +69,7 @@ async def run_kubernetes(prewarmer: Prewarmer, *, node_name: str, kubeconfig: st
                           runtime_classes=opts.runtime_classes)
     prewarms = PrewarmHandler(api, prewarmer, node_name=node_name, system=system,
                               report_interval=opts.report_interval,
-                              request_timeout=opts.request_timeout)
+                              request_timeout=opts.request_timeout, pin_holders=pin_holders)
     pods = PodHandler(prewarmer, background, node_name=node_name, system=system,
                       runtime_classes=opts.runtime_classes)
     core = k8s.CoreV1Api(api)

@@ -15,12 +15,19 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes_asyncio.client import (
+    ApiClient,
+    CoreV1Api,
+    CustomObjectsApi,
+    V1DeleteOptions,
+    V1Preconditions,
+)
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from agent.kube.client import COMPONENT, GROUP, KIND, PLURAL, VERSION
@@ -59,6 +66,25 @@ def prewarm_holder(name: str, ref: str) -> str:
     return f"prewarm:{name}:{ref}"
 
 
+def prewarm_of_holder(holder: str) -> str | None:
+    """The prewarm name a holder of `prewarm_holder` belongs to."""
+    kind, _, rest = holder.partition(":")
+    name, sep, _ = rest.partition(":")
+    return name if kind == "prewarm" and sep else None
+
+
+def finished_for(obj: Obj, ttl: float, now: float) -> bool:
+    """Every node that reported has finished the current generation, the last over `ttl`
+    seconds ago (ttlSecondsAfterFinished, as for a Job)."""
+    gen = int(obj["metadata"].get("generation") or 1)
+    entries = list((((obj.get("status") or {}).get("nodes")) or {}).values())
+    if not entries or any(e.get("phase") not in ("Ready", "Failed")
+                          or int(e.get("observedGeneration") or 0) != gen for e in entries):
+        return False
+    last = max(parse_rfc3339(e.get("lastUpdate")) or now for e in entries)
+    return now - last >= ttl
+
+
 @dataclass
 class Worker:
     uid: str
@@ -75,7 +101,8 @@ class PrewarmHandler:
 
     def __init__(self, api: ApiClient, prewarmer: Prewarmer, *, node_name: str,
                  system: str | None, report_interval: float = 2.0,
-                 request_timeout: float = 30.0) -> None:
+                 request_timeout: float = 30.0,
+                 pin_holders: Callable[[], Iterable[str]] = tuple) -> None:
         self.custom, self.core = CustomObjectsApi(api), CoreV1Api(api)
         self.prewarmer, self.node_name, self.system = prewarmer, node_name, system
         self.report_interval, self.request_timeout = report_interval, request_timeout
@@ -84,6 +111,8 @@ class PrewarmHandler:
         self.workers: dict[str, Worker] = {}
         self.reporters: dict[str, Reporter] = {}  # while the object exists: its node entry
         self.pinned: dict[str, set[str]] = {}  # name -> pin holders taken for it
+        self.pin_holders = pin_holders  # every holder in the node's store (survives restarts)
+        self.labels_known = False
 
     async def resync(self, objects: list[Obj]) -> None:
         names = {o["metadata"]["name"] for o in objects}
@@ -91,8 +120,22 @@ class PrewarmHandler:
             await self._forget(name)
         for obj in objects:
             await self._consider(obj)
+        self._reconcile_pins()
         for reporter in self.reporters.values():
             reporter.resend()  # whatever was lost meanwhile (a restore, a lost write)
+
+    def _reconcile_pins(self) -> None:
+        """Release pins of prewarms deleted while this agent was not watching (down, or in a
+        watch gap); adopt those of existing ones, so edited-away refs are released too."""
+        for holder in self.pin_holders():
+            name = prewarm_of_holder(holder)
+            if name is None:
+                continue
+            if name in self.objects:
+                self.pinned.setdefault(name, set()).add(holder)
+            else:
+                log.info("releasing the pin of deleted prewarm %s", name)
+                self.prewarmer.unpin(holder)
 
     async def event(self, type_: str, obj: Obj) -> None:
         name = obj["metadata"]["name"]
@@ -103,8 +146,8 @@ class PrewarmHandler:
             await self._consider(obj)
 
     async def set_node_labels(self, labels: dict[str, str]) -> None:
-        if labels != self.node_labels:
-            self.node_labels = dict(labels)
+        if labels != self.node_labels or not self.labels_known:
+            self.node_labels, self.labels_known = dict(labels), True
             for obj in list(self.objects.values()):
                 await self._consider(obj)
 
@@ -130,8 +173,9 @@ class PrewarmHandler:
         if not selector_matches(selector, self.node_labels):
             if name in self.workers:  # an edit moved it off this node
                 await self._stop(name)
-                self.unpin(name)
                 reporter.clear()
+            if name in self.workers or self.labels_known:
+                self.unpin(name)
             return
         worker = self.workers.get(name)
         if worker and (worker.uid, worker.generation) == (uid, generation):
@@ -154,6 +198,29 @@ class PrewarmHandler:
             self.prewarmer.unpin(holder)
         if held & keep:
             self.pinned[name] = held & keep
+
+    async def expire(self, name: str, uid: str, ttl: float) -> None:
+        """After this node finished and `ttl` passed: release its pins; delete the resource
+        once every node that reported has finished (the last one to see it does)."""
+        self.unpin(name)
+        while (obj := self.objects.get(name)) is not None and _uid(obj) == uid:
+            if finished_for(obj, ttl, time.time()):
+                await self._delete(name, uid)
+                return
+            await asyncio.sleep(min(60.0, max(1.0, ttl)))
+
+    async def _delete(self, name: str, uid: str) -> None:
+        try:
+            await self.custom.delete_cluster_custom_object(
+                GROUP, VERSION, PLURAL, name, body=V1DeleteOptions(
+                    preconditions=V1Preconditions(uid=uid)), _request_timeout=self.request_timeout)
+            log.info("deleted finished prewarm %s (ttlSecondsAfterFinished)", name)
+        except ApiException as e:
+            if e.status not in (404, 409):  # gone already, or replaced by a new one
+                log.warning("cannot delete finished prewarm %s: %s %s", name, e.status,
+                            e.reason)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("cannot delete finished prewarm %s: %s", name, e)
 
     async def _stop(self, name: str) -> None:
         worker = self.workers.pop(name, None)
@@ -293,6 +360,10 @@ class PrewarmWork:
             await self._fail(jobs, "; ".join(f"{j.ref}: {j.error or 'failed'}" for j in failed))
         else:
             self.report.status("Ready", jobs, "ready after the deadline" if late else "")
+        ttl = self.spec.get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            await asyncio.sleep(ttl)
+            await self.h.expire(self.name, _uid(self.obj), float(ttl))
 
     async def _start_jobs(self, holders: dict[str, str]) -> list[Job]:
         system = self.spec.get("system") or self.h.system

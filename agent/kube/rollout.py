@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +31,13 @@ from rich.filesize import decimal
 from rich.live import Live
 from rich.table import Table
 
-from agent.kube.calls import EXIT_CLUSTER, ClusterError, Deadline, DeadlineExceeded
+from agent.kube.calls import (
+    EXIT_CLUSTER,
+    EXIT_USAGE,
+    ClusterError,
+    Deadline,
+    DeadlineExceeded,
+)
 from agent.kube.client import (
     ENABLED_LABEL,
     GROUP,
@@ -76,7 +83,7 @@ async def apply_prewarm(custom: CustomObjectsApi, name: str, spec: Obj,
     # a merge patch merges maps: null out the selector keys the new spec no longer has
     old_sel = (old.get("spec") or {}).get("nodeSelector") or {}
     patch_spec["nodeSelector"] = {**{k: None for k in old_sel}, **spec.get("nodeSelector", {})}
-    for key in ("system",):
+    for key in ("system", "ttlSecondsAfterFinished"):
         if key not in spec and key in (old.get("spec") or {}):
             patch_spec[key] = None
     return await deadline.call(custom.patch_cluster_custom_object, GROUP, VERSION, PLURAL,
@@ -182,17 +189,47 @@ def _summary(console: Console, states: dict[str, NodeState], code: int) -> None:
 
 async def prewarm_cluster(*, refs: list[str], selector: dict[str, str], pin: bool, wait: bool,
                           timeout: float, kubeconfig: str | None, name: str | None,
-                          console: Console, poll: float = POLL_INTERVAL) -> int:
+                          console: Console, poll: float = POLL_INTERVAL,
+                          ttl: float | None = None) -> int:
     """Create/update the EnvironmentPrewarm; with `wait`, gate on every matching node."""
     deadline = Deadline(timeout)
+    return await _with_api(kubeconfig, console, lambda api: _prewarm_cluster(
+        api, refs, selector, pin, wait, timeout, name, deadline, console, poll, ttl))
+
+
+async def delete_prewarm(name: str, *, timeout: float, kubeconfig: str | None,
+                         console: Console) -> int:
+    """Delete an EnvironmentPrewarm: every node releases its pins (nodes down meanwhile do
+    when they return)."""
+    deadline = Deadline(timeout)
+
+    async def delete(api: ApiClient) -> int:
+        try:
+            await deadline.call(CustomObjectsApi(api).delete_cluster_custom_object, GROUP,
+                                VERSION, PLURAL, name)
+        except ClusterError as e:
+            if e.status != 404:
+                raise
+            console.print(f"[red]error:[/] EnvironmentPrewarm {name} not found")
+            return EXIT_USAGE
+        console.print(f"EnvironmentPrewarm [bold]{name}[/bold] deleted; its pins are released "
+                      "on every node")
+        return EXIT_OK
+
+    return await _with_api(kubeconfig, console, delete)
+
+
+async def _with_api(kubeconfig: str | None, console: Console,
+                    run: Callable[[ApiClient], Awaitable[int]]) -> int:
+    """Run a command against the cluster; configuration and API errors are one-line messages
+    with their exit code."""
     try:
         api = await make_api_client(cli_kubeconfig(kubeconfig))
     except KubeConfigError as e:
         console.print(f"[red]error:[/] {e}")
         return EXIT_CLUSTER
     try:
-        return await _prewarm_cluster(api, refs, selector, pin, wait, timeout, name, deadline,
-                                      console, poll)
+        return await run(api)
     except ClusterError as e:
         console.print(f"[red]error:[/] {e}", soft_wrap=True)
         return e.code
@@ -202,10 +239,12 @@ async def prewarm_cluster(*, refs: list[str], selector: dict[str, str], pin: boo
 
 async def _prewarm_cluster(api: ApiClient, refs: list[str], selector: dict[str, str], pin: bool,
                            wait: bool, timeout: float, name: str | None, deadline: Deadline,
-                           console: Console, poll: float) -> int:
+                           console: Console, poll: float, ttl: float | None) -> int:
     name = name or resource_name(refs)
-    spec = {"environments": list(refs), "nodeSelector": dict(selector), "pin": pin,
-            "deadline": _rfc3339(datetime.now(UTC) + timedelta(seconds=timeout))}
+    spec: Obj = {"environments": list(refs), "nodeSelector": dict(selector), "pin": pin,
+                 "deadline": _rfc3339(datetime.now(UTC) + timedelta(seconds=timeout))}
+    if ttl is not None:
+        spec["ttlSecondsAfterFinished"] = int(ttl)
     nodes = await matching_nodes(CoreV1Api(api), selector, deadline)
     if not nodes and wait:
         console.print(f"[red]no Flox node matches ({ENABLED_LABEL}=true"

@@ -315,12 +315,12 @@ AGENT_RULES = {
     ("apps", "daemonsets"): LIST_WATCH,
     ("batch", "jobs"): LIST_WATCH,
     ("batch", "cronjobs"): LIST_WATCH,
-    ("nodecache.flox.dev", "environmentprewarms"): LIST_WATCH,
+    ("nodecache.flox.dev", "environmentprewarms"): LIST_WATCH | {"delete"},  # after its TTL
     ("nodecache.flox.dev", "environmentprewarms/status"): {"patch"},
     ("", "events"): {"create"},
 }
 PREWARMER_RULES = {
-    ("nodecache.flox.dev", "environmentprewarms"): {"get", "create", "patch"},
+    ("nodecache.flox.dev", "environmentprewarms"): {"get", "create", "patch", "delete"},
     ("", "nodes"): {"list"},  # agent/kube/rollout.py: the nodes the selector matches
 }
 

@@ -186,7 +186,7 @@ class Agents:
         prewarmer = prewarmer or FakePrewarmer()
         self.tasks.append(asyncio.get_running_loop().create_task(run_kubernetes(
             prewarmer, node_name=node_name, kubeconfig=self.kubeconfig, system=system,
-            options=options)))
+            options=options, pin_holders=lambda: list(prewarmer.pins))))
         return prewarmer
 
     async def stop(self) -> None:

@@ -136,3 +136,43 @@ async def test_node_joining_later_acts_on_existing_resources(
     late = agents.start("n9")
     await eventually(lambda: phase(kubeapi, "early", "n9") == "Ready")
     assert late.calls == [("flox/redis", "prewarm:early:flox/redis", "x86_64-linux")]
+
+
+async def test_ttl_after_finished_releases_pins_and_deletes_the_prewarm(
+        kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    pws = {}
+    for n in ("n1", "n2"):
+        kubeapi.create(node(n))
+        pws[n] = agents.start(n)
+    body = prewarm_resource("short", ["flox/redis"])
+    body["spec"]["ttlSecondsAfterFinished"] = 1
+    kubeapi.create(body)
+    for n in ("n1", "n2"):
+        await eventually(lambda n=n: phase(kubeapi, "short", n) == "Ready")
+    await eventually(lambda: not kubeapi.list("EnvironmentPrewarm"), timeout=8,
+                     what="the finished prewarm deleted after its TTL")
+    for n in ("n1", "n2"):
+        await eventually(lambda n=n: "prewarm:short:flox/redis" in pws[n].unpins)
+        assert pws[n].pins == {}
+
+
+async def test_a_prewarm_deleted_while_a_node_was_down_is_unpinned_when_it_returns(
+        kubeapi: FakeKubeAPI, kubeconfig: str) -> None:
+    kubeapi.create(node("n1"))
+    pw = FakePrewarmer()  # the node's store: its pins outlive the agent process
+    first = Agents(kubeconfig)
+    first.start("n1", pw)
+    kubeapi.create(prewarm_resource("gone", ["flox/redis"]))
+    kubeapi.create(prewarm_resource("kept", ["flox/quotes-app:3"]))
+    await eventually(lambda: phase(kubeapi, "gone", "n1") == phase(kubeapi, "kept", "n1")
+                     == "Ready")
+    await first.stop()  # the node is down ...
+    kubeapi.delete(kubeapi.get("EnvironmentPrewarm", "gone"))  # ... when this goes
+    second = Agents(kubeconfig)
+    second.start("n1", pw)
+    try:
+        await eventually(lambda: "prewarm:gone:flox/redis" in pw.unpins,
+                         what="the pin of the prewarm deleted meanwhile released")
+        await stays(lambda: "prewarm:kept:flox/quotes-app:3" in pw.pins)
+    finally:
+        await second.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from agent.kube.rollout import EXIT_FAILED, EXIT_OK, prewarm_cluster
+from agent.kube.rollout import EXIT_FAILED, EXIT_OK, delete_prewarm, prewarm_cluster
 from tests.kube import Agents, FakePrewarmer, eventually, kubeapi, node, pod
 from tests.support.kubeapi import RBAC_YAML, FakeKubeAPI
 from tests.support.kuberbac import service_account_user
@@ -40,7 +40,8 @@ def used(api: FakeKubeAPI, account: tuple[str, str]) -> set[Grant]:
 
 
 async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
-    """Everything the agent does: watch all it watches, report Ready and Failed (an Event)."""
+    """Everything the agent does: watch all it watches, report Ready and Failed (an Event),
+    delete a finished prewarm after its TTL."""
     config = str(api.write_kubeconfig(tmp_path / "agent", service_account=AGENT))
     api.create(node("n1"))
     api.create(pod("web", "n1", "flox/web"))
@@ -49,10 +50,15 @@ async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
     pw.fail_with["flox/broken"] = "upstream says no"
     agents.start("n1", pw)
     try:
-        for name, refs in (("ok", ["flox/redis"]), ("bad", ["flox/broken"])):
+        for name, refs, ttl in (("ok", ["flox/redis"], None), ("bad", ["flox/broken"], None),
+                                ("brief", ["flox/redis"], 0)):
+            spec: dict[str, object] = {"environments": refs}
+            if ttl is not None:
+                spec["ttlSecondsAfterFinished"] = ttl
             api.create({"apiVersion": "nodecache.flox.dev/v1alpha1",
                         "kind": "EnvironmentPrewarm", "metadata": {"name": name},
-                        "spec": {"environments": refs}})
+                        "spec": spec})
+        await eventually(lambda: len(api.list("EnvironmentPrewarm")) == 2, what="TTL delete")
         await eventually(lambda: api.list("Event") and all(
             (o.get("status") or {}).get("nodes", {}).get("n1", {}).get("phase")
             in ("Ready", "Failed") for o in api.list("EnvironmentPrewarm")))
@@ -64,7 +70,7 @@ async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
 
 
 async def cli_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
-    """`prewarm --cluster`: create, then update an existing one, waiting both times."""
+    """`prewarm --cluster`: create, then update an existing one, waiting both times; delete."""
     api.bind("flox-node-cache-prewarmer", *CI)
     config = str(api.write_kubeconfig(tmp_path / "ci", service_account=CI))
     agents = Agents(str(api.write_kubeconfig(tmp_path / "admin")))
@@ -75,6 +81,8 @@ async def cli_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
                                          timeout=10, kubeconfig=config, name="gate",
                                          console=Console(file=io.StringIO()), poll=0.1)
             assert code in (EXIT_OK, EXIT_FAILED)
+        assert await delete_prewarm("gate", timeout=10, kubeconfig=config,
+                                    console=Console(file=io.StringIO())) == EXIT_OK
     finally:
         await agents.stop()
 

@@ -218,3 +218,17 @@ def test_kubeconfig_from_the_environment_then_home_then_in_cluster(
     r = cli("acme/web", env={"HOME": str(tmp_path / "nowhere")})
     assert r.returncode == EXIT_CLUSTER, r.stderr
     assert "no kubeconfig" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ttl_and_delete_from_the_command_line(kubeapi: FakeKubeAPI, kubeconfig: str) -> None:
+    three_nodes(kubeapi)
+    r = cli("acme/web", "--name", "web", "--ttl", "10m", "--kubeconfig", kubeconfig)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert kubeapi.get("EnvironmentPrewarm", "web")["spec"]["ttlSecondsAfterFinished"] == 600
+    r = cli("acme/web", "--name", "web", "--kubeconfig", kubeconfig)  # no --ttl: none
+    assert "ttlSecondsAfterFinished" not in kubeapi.get("EnvironmentPrewarm", "web")["spec"]
+    r = cli("--delete", "web", "--kubeconfig", kubeconfig)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert "deleted" in r.stderr and not kubeapi.list("EnvironmentPrewarm")
+    r = cli("--delete", "web", "--kubeconfig", kubeconfig)
+    assert r.returncode == EXIT_USAGE and "not found" in r.stderr, r.stderr

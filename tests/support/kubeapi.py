@@ -751,6 +751,12 @@ class FakeKubeAPI:
         if method == "GET":
             return web.json_response(self.store.get(res, ns, name))
         if method == "DELETE":
+            body = await request.json() if request.can_read_body else {}
+            uid = ((body or {}).get("preconditions") or {}).get("uid")
+            if uid and uid != self.store.get(res, ns, name)["metadata"]["uid"]:
+                raise ApiError(409, "Conflict", f"Precondition failed: UID in precondition: "
+                               f"{uid}, UID in object meta: "
+                               f"{self.store.get(res, ns, name)['metadata']['uid']}")
             return web.json_response(self.store.delete(res, ns, name))
         if method == "PUT":
             body = await request.json()

@@ -79,6 +79,9 @@ def _check_scalar(value: Any, schema: Obj, path: str, errors: list[str]) -> None
     if "enum" in schema and value not in schema["enum"]:
         allowed = ", ".join(f'"{e}"' for e in schema["enum"])
         errors.append(f'{path}: Unsupported value: "{value}": supported values: {allowed}')
+    if "minimum" in schema and isinstance(value, int | float) and value < schema["minimum"]:
+        errors.append(f"{path}: Invalid value: {value}: {path} in body should be greater than "
+                      f"or equal to {schema['minimum']}")
     if isinstance(value, str):
         if "pattern" in schema and not re.search(schema["pattern"], value):
             errors.append(f'{path}: Invalid value: "{value}": {path} in body should match '
