@@ -119,7 +119,7 @@ async def test_deadline_marks_late_node_failed_then_ready_when_done(
     agents.start("n1", pw)
     deadline = (datetime.now(UTC) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     kubeapi.create(prewarm_resource("late", ["flox/huge"], deadline=deadline))
-    await eventually(lambda: phase(kubeapi, "late", "n1") == "Failed", timeout=4)
+    await eventually(lambda: phase(kubeapi, "late", "n1") == "Failed", timeout=10)
     assert node_status(kubeapi, "late", "n1")["message"].startswith("deadline exceeded")
     assert any("deadline exceeded" in e["message"] for e in kubeapi.list("Event"))
     pw.jobs["flox/huge"].finish()  # the prefetch was not cancelled: it still lands
