@@ -303,7 +303,7 @@ class Reporter:
                 continue
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.warning("status patch of %s failed: %s; retrying", self.name,
-                            e or type(e).__name__)
+                            str(e) or type(e).__name__)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             self.landed = body

@@ -493,6 +493,7 @@ class FakeKubeAPI:
                  bookmark_interval: float = 60.0, history_limit: int = 1000,
                  pod_grace_seconds: float = 0.05, expired_watch_as_http: bool = False) -> None:
         self.requests: list[Recorded] = []
+        self.events_sent = 0  # watch events written to clients (bookmarks not counted)
         self.watch_lifetime, self.bookmark_interval = watch_lifetime, bookmark_interval
         self.expired_watch_as_http = expired_watch_as_http
         self._loop = asyncio.new_event_loop()
@@ -854,7 +855,7 @@ class FakeKubeAPI:
         try:
             async with asyncio.timeout(lifetime):
                 await self._stream(request, resp, watcher, backlog)
-        except TimeoutError:
+        except (TimeoutError, ConnectionError):  # ended by the server, or the client left
             pass
         finally:
             self.store.remove_watcher(watcher)
@@ -893,6 +894,7 @@ class FakeKubeAPI:
         assert isinstance(change, Change)
         event = _event_for(change, w.selector)
         if event:
+            self.events_sent += 1
             await resp.write(_line(event))
         return True
 
