@@ -116,7 +116,7 @@ def test_cluster_prewarm_gate_waits_for_the_real_agent(
     assert environments(agent)["acme/api"]["complete"]
 
 
-def test_a_prewarm_pins_every_environment_it_names_until_deleted(
+def test_a_prewarm_pins_every_environment_until_deleted_even_while_the_node_was_down(
         cluster: tuple[FakeKubeAPI, AgentProcess, Path]) -> None:
     api, agent, _ = cluster
     obj = api.create(prewarm_resource("both", ["acme/web", "acme/api:1"]))
@@ -129,5 +129,7 @@ def test_a_prewarm_pins_every_environment_it_names_until_deleted(
     eventually(lambda: len(pinned()) == 2 and all(pinned().values()), "both pinned")
     assert pinned() == {"acme/web": ["prewarm:both:acme/web"],
                         "acme/api:1": ["prewarm:both:acme/api:1"]}
+    agent.stop()  # the node is down when the prewarm is deleted ...
     api.delete(obj)
+    agent.start()  # ... and releases its pins when it returns
     eventually(lambda: pinned() == {"acme/web": [], "acme/api:1": []}, "both unpinned")
