@@ -171,10 +171,11 @@ class PrewarmHandler:
         reporter.obj = obj
         selector = (obj.get("spec") or {}).get("nodeSelector")
         if not selector_matches(selector, self.node_labels):
-            if name in self.workers:  # an edit moved it off this node
+            moved = name in self.workers  # an edit moved it off this node
+            if moved:
                 await self._stop(name)
                 reporter.clear()
-            if name in self.workers or self.labels_known:
+            if moved or self.labels_known:  # unknown labels may still match: keep the pins
                 self.unpin(name)
             return
         worker = self.workers.get(name)

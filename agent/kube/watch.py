@@ -88,7 +88,6 @@ class ListWatch:
     params: dict[str, Any] = field(default_factory=dict)  # selectors etc.
     options: WatchOptions = field(default_factory=WatchOptions)
     health: WatcherHealth | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set after the first resync
     rv: str | None = None
     quorum: bool = False  # the next list must not come from the cache (it was too old)
 
@@ -141,7 +140,6 @@ class ListWatch:
         self.health.listed()
         await self._call(self.handler.resync(items))
         self.rv = rv
-        self.ready.set()
 
     async def _list(self) -> tuple[list[Obj], str]:
         items: list[Obj] = []

@@ -76,7 +76,7 @@ async def test_failure_reports_reason_and_event_and_deletion_unpins(
     kubeapi.create(prewarm_resource("bad", ["flox/redis", "flox/broken"]))
     await eventually(lambda: phase(kubeapi, "bad", "n1") == "Failed")
     assert "flox/broken: narinfo signature invalid" in node_status(kubeapi, "bad", "n1")["message"]
-    events = kubeapi.list("Event")
+    events = await eventually(lambda: kubeapi.list("Event"))  # written after the status
     assert len(events) == 1
     ev = events[0]
     assert ev["metadata"]["namespace"] == "default" and ev["type"] == "Warning"
@@ -119,9 +119,10 @@ async def test_deadline_marks_late_node_failed_then_ready_when_done(
     agents.start("n1", pw)
     deadline = (datetime.now(UTC) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     kubeapi.create(prewarm_resource("late", ["flox/huge"], deadline=deadline))
-    await eventually(lambda: phase(kubeapi, "late", "n1") == "Failed", timeout=10)
+    await eventually(lambda: phase(kubeapi, "late", "n1") == "Failed", timeout=4)
     assert node_status(kubeapi, "late", "n1")["message"].startswith("deadline exceeded")
-    assert any("deadline exceeded" in e["message"] for e in kubeapi.list("Event"))
+    await eventually(lambda: any("deadline exceeded" in e["message"]
+                                 for e in kubeapi.list("Event")))  # written after the status
     pw.jobs["flox/huge"].finish()  # the prefetch was not cancelled: it still lands
     await eventually(lambda: phase(kubeapi, "late", "n1") == "Ready")
 
