@@ -161,8 +161,8 @@ async def wait_ready(api: ApiClient, name: str, selector: dict[str, str], deadli
                                           PLURAL, name)
             except DeadlineExceeded:
                 if states is None:
-                    raise
-                nodes = list(states)  # the last state seen decides: late nodes are named
+                    raise  # never got an answer: cannot reach the cluster
+                # else the last state seen decides, naming the late nodes
             else:
                 if not nodes:
                     console.print("[red]no node matches any more[/red]")

@@ -3,9 +3,10 @@
 List gives the full state and a resourceVersion; the watch continues from it with bookmarks
 on, so a dropped stream resumes from the last resourceVersion seen and no event is lost. Lists
 ask for resourceVersion=0 (the API server's watch cache, no quorum read: a slightly old state is
-fine, the watch brings it up to date); only after a list itself got 410 is the next one a
-paginated quorum read. 410 Gone on a watch (history compacted) means the gap cannot be
-replayed: relist and let the handler diff the full state against what it knew.
+fine, the watch brings it up to date). When that cached state turns out older than the
+server's history (the watch from it, or a page, is 410), the next list is a paginated quorum
+read. 410 Gone on a later watch (history compacted) means the gap cannot be replayed: relist
+and let the handler diff the full state against what it knew.
 
 Errors, 410s and streams that close at once back off exponentially with jitter (as client-go's
 reflector does), at least as long as a 429/503's Retry-After says. The server sends a bookmark
@@ -121,7 +122,7 @@ class ListWatch:
             self.rv = None
             return "expired", 0.0
         except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-            self.health.failed(f"timeout: {e or 'no data'}")
+            self.health.failed(f"timeout: {str(e) or 'no data'}")
             log.warning("watch timed out", extra={"fields": {"resource": self.resource}})
             return "timeout", 0.0
         except Exception as e:
