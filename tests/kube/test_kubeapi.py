@@ -98,6 +98,17 @@ async def test_status_subresource_generation_and_patch_types(kubeapi: FakeKubeAP
             GROUP, VERSION, PLURAL, "r", {"spec": {"pin": True}},
             _content_type="application/strategic-merge-patch+json")
     assert e.value.status == 415
+    # a uid precondition naming another object (deleted and recreated) is a conflict
+    with pytest.raises(ApiException) as e:
+        await custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, PLURAL, "r", {"metadata": {"uid": "not-this-one"}, "status": {}},
+            _content_type=MERGE)
+    assert e.value.status == 409
+    with pytest.raises(ApiException) as e:
+        await custom.delete_cluster_custom_object(
+            GROUP, VERSION, PLURAL, "r", body=k8s.V1DeleteOptions(
+                preconditions=k8s.V1Preconditions(uid="not-this-one")))
+    assert e.value.status == 409
     # stale resourceVersion on replace
     stale = dict(created, spec={"environments": []})
     with pytest.raises(ApiException) as e:

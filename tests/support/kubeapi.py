@@ -28,7 +28,8 @@ Behaviour copied from kube-apiserver (REFERENCE §7):
 - pods are created Pending; pods are deleted gracefully (MODIFIED with deletionTimestamp,
   DELETED after `pod_grace_seconds`), as is anything with finalizers (DELETED once they are
   removed);
-- PUT with a stale `metadata.resourceVersion` is 409 Conflict;
+- PUT with a stale `metadata.resourceVersion` is 409 Conflict, as is a PATCH whose
+  `metadata.uid` or a DELETE whose `preconditions.uid` names another object;
 - authentication by bearer token (401 without), RBAC from daemonset/base/rbac.yaml per service
   account (`token_for`, `write_kubeconfig(service_account=...)`; 403 per verb and resource,
   subresources included); core/v1 Events must live in the namespace of their involved object.
@@ -37,7 +38,8 @@ Test controls: `create/update/delete/get/list`, `drop_watches()`, `pause_watches
 `resume_watches()`, `compact()`, `send_bookmarks()`, `silence_watches()`, `inject()` (an HTTP
 error with optional Retry-After, a reset, or a stall, for matching requests), `restart()` (every
 connection cut, history and continue snapshots lost), `bind()`, and `requests`: every request
-with its verb, resource, subresource, namespace and user.
+with its verb, resource, subresource, namespace, user and answer status; `events_sent` counts
+the watch events delivered.
 """
 
 from __future__ import annotations
