@@ -16,8 +16,10 @@ from typing import Any
 from kubernetes_asyncio import client as k8s
 
 from agent.kube import health
+from agent.kube.aggregate import NODE_PLURAL, Aggregator
 from agent.kube.background import Background
 from agent.kube.client import FLOX_RUNTIME_CLASS, GROUP, PLURAL, VERSION, make_api_client
+from agent.kube.lease import Lease, own_namespace
 from agent.kube.pods import PodHandler
 from agent.kube.prewarm import PrewarmHandler
 from agent.kube.types import Prewarmer
@@ -26,6 +28,7 @@ from agent.kube.workloads import KINDS, Workloads
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+LEASE_NAME = "flox-node-cache-aggregator"
 
 
 @dataclass
@@ -33,6 +36,10 @@ class KubeOptions:
     watch: WatchOptions = field(default_factory=WatchOptions)
     report_interval: float = 2.0  # at most one progress status write per resource per interval
     request_timeout: float = 30.0  # every API call that is not a watch (status writes, Events)
+    aggregate_interval: float = 2.0  # at most one aggregated status write per prewarm
+    lease_duration: float = 15.0  # the aggregator's lease: taken over when not renewed for this
+    lease_renew: float = 5.0
+    lease_namespace: str | None = None  # default: the pod's own namespace
     runtime_classes: frozenset[str] = frozenset({FLOX_RUNTIME_CLASS})
 
 
@@ -83,16 +90,37 @@ async def run_kubernetes(prewarmer: Prewarmer, *, node_name: str, kubeconfig: st
               {"field_selector": f"metadata.name={node_name}"}),
         watch("pods", core.list_pod_for_all_namespaces, pods,
               {"field_selector": f"spec.nodeName={node_name}"}),
-        watch(PLURAL, _custom_list(k8s.CustomObjectsApi(api)), prewarms, {}),
+        watch(PLURAL, _custom_list(k8s.CustomObjectsApi(api), PLURAL), prewarms, {}),
     ]
     for kind, (api_class, method) in KINDS.items():
         list_fn = getattr(getattr(k8s, api_class)(api), method)
         watches.append(watch(kind.lower() + "s", list_fn, workloads.handler(kind), {}))
+    custom = k8s.CustomObjectsApi(api)
+
+    async def aggregate() -> None:
+        """While holding the lease: fold every node's NodePrewarm into the prewarms' status."""
+        aggregator = Aggregator(custom, lambda: list(prewarms.objects.values()),
+                                interval=opts.aggregate_interval, timeout=opts.request_timeout)
+        prewarms.listeners.append(aggregator.dirty.set)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(watch(NODE_PLURAL, _custom_list(custom, NODE_PLURAL),
+                                     aggregator, {}).run())
+                tg.create_task(aggregator.run())
+        finally:
+            prewarms.listeners.remove(aggregator.dirty.set)
+            health.forget(node_name, NODE_PLURAL)
+
+    lease = Lease(api, name=LEASE_NAME, identity=node_name,
+                  namespace=opts.lease_namespace or own_namespace(),
+                  duration=opts.lease_duration, renew=opts.lease_renew,
+                  timeout=opts.request_timeout)
     log.info("kubernetes watchers starting", extra={"fields": {"node": node_name}})
     try:
         async with asyncio.TaskGroup() as tg:
             for w in watches:
                 tg.create_task(w.run())
+            tg.create_task(lease.run(aggregate))
     finally:
         health.unregister(node_name)
         await prewarms.close()
@@ -100,7 +128,7 @@ async def run_kubernetes(prewarmer: Prewarmer, *, node_name: str, kubeconfig: st
         await api.close()
 
 
-def _custom_list(custom: k8s.CustomObjectsApi) -> Any:
-    async def list_prewarms(**kw: Any) -> Any:
-        return await custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kw)
-    return list_prewarms
+def _custom_list(custom: k8s.CustomObjectsApi, plural: str) -> Any:
+    async def list_custom(**kw: Any) -> Any:
+        return await custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
+    return list_custom

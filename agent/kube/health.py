@@ -52,6 +52,10 @@ def register(node: str, resource: str) -> WatcherHealth:
     return h
 
 
+def forget(node: str, resource: str) -> None:
+    _watchers.pop((node, resource), None)
+
+
 def unregister(node: str) -> None:
     for key in [k for k in _watchers if k[0] == node]:
         del _watchers[key]

@@ -1,8 +1,9 @@
 """The agent side of EnvironmentPrewarm: prefetch on matching nodes and report per node.
 
-Each agent writes only `status.nodes.<its node>` with a JSON merge patch on the status
-subresource, so agents never overwrite each other; a failed write is retried until it lands
-or is superseded, and after every relist each node writes its current entry again. Work
+Each agent writes its progress only to its own NodePrewarm (`status.prewarms.<name>`, a JSON
+merge patch on the status subresource); the agent holding the Lease folds those into each
+EnvironmentPrewarm's `status.nodes` (agent/kube/aggregate.py). A failed write is retried until
+it lands or is superseded, and after every relist each node writes its current entries again. Work
 restarts when the uid or `metadata.generation` changes (spec edits take effect; status writes
 do not bump it). A deadline marks the node Failed "deadline exceeded" but does not cancel the
 prefetch: the node still turns Ready when it finishes, so a late node ends up warm.
@@ -30,6 +31,7 @@ from kubernetes_asyncio.client import (
 )
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from agent.kube.aggregate import NODE_PLURAL
 from agent.kube.client import COMPONENT, GROUP, KIND, PLURAL, VERSION
 from agent.kube.types import Job, Prewarmer
 from agent.kube.watch import Backoff, retry_after
@@ -113,6 +115,8 @@ class PrewarmHandler:
         self.pinned: dict[str, set[str]] = {}  # name -> pin holders taken for it
         self.pin_holders = pin_holders  # every holder in the node's store (survives restarts)
         self.labels_known = False
+        self.listeners: list[Callable[[], None]] = []  # told of every change (the aggregator)
+        self._retiring: set[Reporter] = set()  # clearing the entry of a deleted resource
 
     async def resync(self, objects: list[Obj]) -> None:
         names = {o["metadata"]["name"] for o in objects}
@@ -121,8 +125,33 @@ class PrewarmHandler:
         for obj in objects:
             await self._consider(obj)
         self._reconcile_pins()
+        await self._prune_entries()
         for reporter in self.reporters.values():
             reporter.resend()  # whatever was lost meanwhile (a restore, a lost write)
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    async def _prune_entries(self) -> None:
+        """Remove this node's entries about resources deleted while it was not watching."""
+        try:
+            own = await self.custom.get_cluster_custom_object(
+                GROUP, VERSION, NODE_PLURAL, self.node_name, _request_timeout=self.request_timeout)
+            stale = [n for n in ((own.get("status") or {}).get("prewarms") or {})
+                     if n not in self.objects]
+            if stale:
+                await self.custom.patch_cluster_custom_object_status(
+                    GROUP, VERSION, NODE_PLURAL, self.node_name,
+                    {"status": {"prewarms": dict.fromkeys(stale)}}, _content_type=MERGE_PATCH,
+                    _request_timeout=self.request_timeout)
+        except ApiException as e:
+            if e.status != 404:  # 404: nothing written on this node yet
+                log.warning("cannot prune this node's prewarm entries: %s %s", e.status,
+                            e.reason)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("cannot prune this node's prewarm entries: %s", e)
 
     def _reconcile_pins(self) -> None:
         """Release pins of prewarms deleted while this agent was not watching (down, or in a
@@ -144,6 +173,7 @@ class PrewarmHandler:
                 await self._forget(name)
         else:
             await self._consider(obj)
+        self._changed()
 
     async def set_node_labels(self, labels: dict[str, str]) -> None:
         if labels != self.node_labels or not self.labels_known:
@@ -162,7 +192,7 @@ class PrewarmHandler:
         generation = int(obj["metadata"].get("generation") or 1)
         known = self.objects.get(name)
         if known is not None and _uid(known) != uid:
-            await self._forget(name)  # deleted and recreated: the old one's pins go
+            await self._forget(name, clear=False)  # recreated: the old one's pins go
         self.objects[name] = obj
         reporter = self.reporters.get(name)
         if reporter is None:
@@ -185,11 +215,14 @@ class PrewarmHandler:
         task = asyncio.get_running_loop().create_task(self._worker(obj, reporter))
         self.workers[name] = Worker(uid, generation, task)
 
-    async def _forget(self, name: str) -> None:
+    async def _forget(self, name: str, *, clear: bool = True) -> None:
         self.objects.pop(name, None)
         await self._stop(name)
         if reporter := self.reporters.pop(name, None):
             reporter.close()
+            if clear:  # its entry goes too (a successor under the name overwrites it)
+                reporter.clear()
+                self._retiring = {r for r in self._retiring if not r.done()} | {reporter}
         self.unpin(name)
 
     def unpin(self, name: str, keep: frozenset[str] = frozenset()) -> None:
@@ -241,12 +274,12 @@ class PrewarmHandler:
 
 
 class Reporter:
-    """Writes this node's entry of one resource's status, and Events.
+    """Writes this node's entry for one resource (in the node's own NodePrewarm), and Events.
 
     The latest wanted entry is written in the background, retried with backoff until it lands
     or a newer one supersedes it (a lost Ready write would hold the rollout gate until its
-    deadline); each attempt has a timeout. A uid precondition keeps a write meant for a
-    deleted resource off its same-named successor.
+    deadline); each attempt has a timeout. The entry carries the resource's uid, so the
+    aggregator never credits it to a same-named successor.
     """
 
     def __init__(self, custom: CustomObjectsApi, core: CoreV1Api, obj: Obj,
@@ -259,7 +292,7 @@ class Reporter:
         self._task: asyncio.Task[None] | None = None
 
     def status(self, phase: str, jobs: list[Job], message: str = "") -> None:
-        entry: Obj = {"phase": phase, **_totals(jobs), "message": message,
+        entry: Obj = {"uid": self.uid, "phase": phase, **_totals(jobs), "message": message,
                       "lastUpdate": now_rfc3339(),
                       "observedGeneration": int(self.obj["metadata"].get("generation") or 1)}
         self._want(entry)
@@ -276,13 +309,15 @@ class Reporter:
         if self._task:
             self._task.cancel()
 
+    def done(self) -> bool:
+        return self._task is None or self._task.done()
+
     def _want(self, entry: Obj | None) -> None:
-        self.wanted = {"metadata": {"uid": self.uid},
-                       "status": {"nodes": {self.node: entry}}}
+        self.wanted = {"status": {"prewarms": {self.name: entry}}}
         self._kick()
 
     def _kick(self) -> None:
-        if self._task is None or self._task.done():
+        if self.done():
             self._task = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
@@ -291,12 +326,11 @@ class Reporter:
             body = self.wanted
             try:
                 await self.custom.patch_cluster_custom_object_status(
-                    GROUP, VERSION, PLURAL, self.name, body, _content_type=MERGE_PATCH,
+                    GROUP, VERSION, NODE_PLURAL, self.node, body, _content_type=MERGE_PATCH,
                     _request_timeout=self.timeout)
             except ApiException as e:
-                if e.status in (404, 409):  # deleted (and maybe recreated): the watch says
-                    log.debug("status of %s not written: %s", self.name, e.status)
-                    return
+                if e.status == 404 and await self._create_node_object():
+                    continue
                 log.warning("status patch of %s failed: %s %s; retrying", self.name,
                             e.status, e.reason)
                 wait = retry_after((e.headers or {}).get("Retry-After"))
@@ -309,6 +343,19 @@ class Reporter:
                 continue
             self.landed = body
             backoff.reset()
+
+    async def _create_node_object(self) -> bool:
+        """Create this node's NodePrewarm (first write on this node); True when it exists."""
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NodePrewarm",
+                "metadata": {"name": self.node}}
+        try:
+            await self.custom.create_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, body,
+                                                           _request_timeout=self.timeout)
+        except ApiException as e:
+            return e.status == 409
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+        return True
 
     async def warn(self, message: str) -> None:
         meta = self.obj["metadata"]

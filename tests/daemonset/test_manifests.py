@@ -65,6 +65,9 @@ def load_yaml(path: Path) -> list[Obj]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+PREWARM_CRD = "environmentprewarms.nodecache.flox.dev"
+
+
 def find(objs: tuple[Obj, ...] | list[Obj], kind: str, name: str | None = None) -> Obj:
     hits = [o for o in objs if o["kind"] == kind
             and (name is None or o["metadata"]["name"] == name)]
@@ -90,7 +93,7 @@ def agent_container(kustomization: str) -> Obj:
 
 
 def crd_schema() -> Obj:
-    crd = find(render("daemonset/base"), "CustomResourceDefinition")
+    crd = find(render("daemonset/base"), "CustomResourceDefinition", PREWARM_CRD)
     (version,) = crd["spec"]["versions"]
     return version["schema"]["openAPIV3Schema"]
 
@@ -316,7 +319,9 @@ AGENT_RULES = {
     ("batch", "jobs"): LIST_WATCH,
     ("batch", "cronjobs"): LIST_WATCH,
     ("nodecache.flox.dev", "environmentprewarms"): LIST_WATCH | {"delete"},  # after its TTL
-    ("nodecache.flox.dev", "environmentprewarms/status"): {"patch"},
+    ("nodecache.flox.dev", "environmentprewarms/status"): {"patch"},  # the lease holder
+    ("nodecache.flox.dev", "nodeprewarms"): {"get", "create", "list", "watch"},
+    ("nodecache.flox.dev", "nodeprewarms/status"): {"patch"},
     ("", "events"): {"create"},
 }
 PREWARMER_RULES = {
@@ -335,7 +340,8 @@ def test_prewarmer_cluster_role_is_exact_and_not_bound_to_the_agent() -> None:
     role = find(objs, "ClusterRole", "flox-node-cache-prewarmer")
     assert rule_table(role) == PREWARMER_RULES
     bindings = [o for o in objs if o["kind"] in ("ClusterRoleBinding", "RoleBinding")]
-    assert [b["roleRef"]["name"] for b in bindings] == ["flox-node-cache"]
+    assert [b["roleRef"]["name"] for b in bindings] == ["flox-node-cache", "flox-node-cache"]
+    assert {b["kind"] for b in bindings} == {"ClusterRoleBinding", "RoleBinding"}  # the lease
 
 
 def test_agent_binding_names_the_daemonsets_service_account() -> None:
@@ -350,7 +356,7 @@ def test_agent_binding_names_the_daemonsets_service_account() -> None:
 # --- the CRD and EnvironmentPrewarm objects -----------------------------------------------------
 
 def test_crd_shape() -> None:
-    crd = find(render("daemonset/base"), "CustomResourceDefinition")
+    crd = find(render("daemonset/base"), "CustomResourceDefinition", PREWARM_CRD)
     spec = crd["spec"]
     assert crd["metadata"]["name"] == "environmentprewarms.nodecache.flox.dev"
     assert spec["scope"] == "Cluster"

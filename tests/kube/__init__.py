@@ -28,7 +28,8 @@ Obj = dict[str, Any]
 FAST = KubeOptions(watch=WatchOptions(timeout_seconds=30, read_timeout=1.0, request_timeout=5.0,
                                       page_size=2, backoff_base=0.2, backoff_cap=0.5,
                                       min_stream_seconds=0.05),
-                   report_interval=0.1, request_timeout=0.5)
+                   report_interval=0.1, request_timeout=0.5, aggregate_interval=0.1,
+                   lease_duration=1.0, lease_renew=0.2)
 BOOKMARK_INTERVAL = 0.2  # the fixture's server: well within FAST's read timeout
 
 

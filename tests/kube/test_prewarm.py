@@ -61,10 +61,16 @@ async def test_three_agents_report_their_own_node_without_overwriting(
         assert entry["pathsDone"] == entry["pathsTotal"] == 20
         assert entry["bytesDone"] == entry["bytesTotal"] == 2000
         assert entry["observedGeneration"] == 1 and entry["lastUpdate"].endswith("Z")
-    # status writes went through the status subresource as merge patches only
+    # each node wrote only its own NodePrewarm; one agent (the lease holder) folded them in;
+    # all through the status subresource as merge patches
     patches = [r for r in kubeapi.requests if r.method == "PATCH"]
-    assert patches and all(r.path.endswith("/rollout/status") for r in patches)
-    assert {r.content_type for r in patches} == {"application/merge-patch+json"}
+    assert {r.name for r in patches if r.resource == "nodeprewarms"} == set(NODES)
+    assert {r.name for r in patches if r.resource == "environmentprewarms"} == {"rollout"}
+    assert {(r.subresource, r.content_type) for r in patches} == {
+        ("status", "application/merge-patch+json")}
+    lease = kubeapi.get("Lease", "flox-node-cache-aggregator", "flox-node-cache")
+    assert lease["spec"]["holderIdentity"] in NODES
+    assert kubeapi.open_watches("nodeprewarms") == 1  # only the holder sees others' progress
 
 
 async def test_failure_reports_reason_and_event_and_deletion_unpins(
@@ -177,3 +183,19 @@ async def test_a_prewarm_deleted_while_a_node_was_down_is_unpinned_when_it_retur
         await stays(lambda: "prewarm:kept:flox/quotes-app:3" in pw.pins)
     finally:
         await second.stop()
+
+
+async def test_another_agent_takes_over_aggregation_when_the_lease_holder_stops(
+        kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    for n in ("n1", "n2"):
+        kubeapi.create(node(n))
+    agents.start("n1")
+    await eventually(lambda: kubeapi.open_watches("nodeprewarms") == 1)  # n1 holds the lease
+    agents.start("n2")
+    await eventually(lambda: kubeapi.open_watches("pods") == 2)
+    agents.tasks[0].cancel()  # n1 goes away without releasing the lease
+    kubeapi.create(prewarm_resource("after", ["flox/redis"]))
+    await eventually(lambda: phase(kubeapi, "after", "n2") == "Ready", what="n2 aggregating")
+    lease = kubeapi.get("Lease", "flox-node-cache-aggregator", "flox-node-cache")
+    assert lease["spec"]["holderIdentity"] == "n2" and lease["spec"]["leaseTransitions"] == 1
+    assert kubeapi.get("EnvironmentPrewarm", "after")["status"]["summary"] == {"Ready": 1}

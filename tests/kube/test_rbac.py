@@ -20,13 +20,16 @@ from tests.support.kuberbac import service_account_user
 __all__ = ["kubeapi"]  # fixtures
 Grant = tuple[str, str, str]  # API group, resource[/subresource], verb
 AGENT = ("flox-node-cache", "flox-node-cache")
+LEASE = "flox-node-cache-aggregator"
 CI = ("ci", "deployer")
 
 
 def granted(role: str) -> set[Grant]:
+    """The grants of the ClusterRole `role` and of the Role of that name, if any."""
     docs = [d for d in yaml.safe_load_all(RBAC_YAML.read_text()) if d]
-    (doc,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == role]
-    return {(g, r, v) for rule in doc["rules"] for g in rule["apiGroups"]
+    roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role")
+             and d["metadata"]["name"] == role]
+    return {(g, r, v) for doc in roles for rule in doc["rules"] for g in rule["apiGroups"]
             for r in rule["resources"] for v in rule["verbs"]}
 
 
@@ -41,7 +44,8 @@ def used(api: FakeKubeAPI, account: tuple[str, str]) -> set[Grant]:
 
 async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
     """Everything the agent does: watch all it watches, report Ready and Failed (an Event),
-    delete a finished prewarm after its TTL."""
+    delete a finished prewarm after its TTL, hold the aggregator's lease and aggregate, and
+    (restarted) prune its entries of a prewarm deleted while it was down."""
     config = str(api.write_kubeconfig(tmp_path / "agent", service_account=AGENT))
     api.create(node("n1"))
     api.create(pod("web", "n1", "flox/web"))
@@ -64,7 +68,12 @@ async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
             in ("Ready", "Failed") for o in api.list("EnvironmentPrewarm")))
         await eventually(lambda: all(api.open_watches(p) for p in (
             "nodes", "pods", "environmentprewarms", "deployments", "statefulsets",
-            "daemonsets", "jobs", "cronjobs")))
+            "daemonsets", "jobs", "cronjobs", "nodeprewarms")))
+        def renewed() -> str:
+            return api.get("Lease", LEASE, "flox-node-cache")["spec"]["renewTime"]
+
+        first = renewed()
+        await eventually(lambda: renewed() != first, what="the lease renewed (an update)")
     finally:
         await agents.stop()
 

@@ -8,5 +8,5 @@ async def test_three_agents_report_requests_and_events_per_node() -> None:
     r = await measure(3, steps=2, step=0.2)
     assert r["nodes"] == 3
     assert r["requests_per_node"] >= 2  # at least Pending and Ready
-    # every node's writes reach every prewarm watcher: at least its own and the others' Ready
-    assert r["watch_events_per_node"] >= 3
+    # every agent sees the prewarm created and at least one aggregated status
+    assert r["watch_events_per_node"] >= 2

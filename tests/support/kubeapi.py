@@ -106,6 +106,7 @@ RESOURCES = [
     Resource("coordination.k8s.io", "v1", "leases", "Lease", True, status_subresource=False,
              generation=False),
     Resource(CR_GROUP, "v1alpha1", "environmentprewarms", "EnvironmentPrewarm", False),
+    Resource(CR_GROUP, "v1alpha1", "nodeprewarms", "NodePrewarm", False),
 ]
 BY_KIND = {r.kind: r for r in RESOURCES}
 
