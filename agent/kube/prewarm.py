@@ -345,9 +345,18 @@ class Reporter:
             backoff.reset()
 
     async def _create_node_object(self) -> bool:
-        """Create this node's NodePrewarm (first write on this node); True when it exists."""
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NodePrewarm",
-                "metadata": {"name": self.node}}
+        """Create this node's NodePrewarm (first write on this node), owned by the Node so it
+        goes when the node does; True when it exists."""
+        meta: Obj = {"name": self.node}
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NodePrewarm", "metadata": meta}
+        try:
+            nodes = await self.core.list_node(field_selector=f"metadata.name={self.node}",
+                                              _request_timeout=self.timeout)
+            meta["ownerReferences"] = [
+                {"apiVersion": "v1", "kind": "Node", "name": n.metadata.name,
+                 "uid": n.metadata.uid} for n in nodes.items]
+        except (ApiException, aiohttp.ClientError, TimeoutError) as e:
+            log.warning("NodePrewarm %s created without its owner: %s", self.node, e)
         try:
             await self.custom.create_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, body,
                                                            _request_timeout=self.timeout)

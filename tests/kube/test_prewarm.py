@@ -199,3 +199,18 @@ async def test_another_agent_takes_over_aggregation_when_the_lease_holder_stops(
     lease = kubeapi.get("Lease", "flox-node-cache-aggregator", "flox-node-cache")
     assert lease["spec"]["holderIdentity"] == "n2" and lease["spec"]["leaseTransitions"] == 1
     assert kubeapi.get("EnvironmentPrewarm", "after")["status"]["summary"] == {"Ready": 1}
+
+
+async def test_a_deleted_node_leaves_the_aggregate(kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    for n in ("n1", "n2"):
+        kubeapi.create(node(n))
+        agents.start(n)
+    kubeapi.create(prewarm_resource("r", ["flox/redis"]))
+    for n in ("n1", "n2"):
+        await eventually(lambda n=n: phase(kubeapi, "r", n) == "Ready")
+    owner = kubeapi.get("NodePrewarm", "n2")["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"]) == ("Node", "n2")
+    agents.tasks[1].cancel()
+    kubeapi.delete(kubeapi.get("Node", "n2"))  # its NodePrewarm is garbage-collected
+    await eventually(lambda: phase(kubeapi, "r", "n2") is None, what="n2 gone from the status")
+    assert kubeapi.get("EnvironmentPrewarm", "r")["status"]["summary"] == {"Ready": 1}

@@ -27,7 +27,7 @@ Behaviour copied from kube-apiserver (REFERENCE §7):
   defaults applied, violations 422 with the field errors; names must be DNS-1123 (422);
 - pods are created Pending; pods are deleted gracefully (MODIFIED with deletionTimestamp,
   DELETED after `pod_grace_seconds`), as is anything with finalizers (DELETED once they are
-  removed);
+  removed); the garbage collector deletes the dependents (ownerReferences) of what is deleted;
 - PUT with a stale `metadata.resourceVersion` is 409 Conflict, as is a PATCH whose
   `metadata.uid` or a DELETE whose `preconditions.uid` names another object;
 - authentication by bearer token (401 without), RBAC from daemonset/base/rbac.yaml per service
@@ -385,7 +385,9 @@ class Store:
             if meta.get("deletionTimestamp"):
                 return old  # already terminating
             if not res.graceful and not meta.get("finalizers"):
-                return self._commit("DELETED", res, copy.deepcopy(old), old)
+                gone = self._commit("DELETED", res, copy.deepcopy(old), old)
+                self._collect_dependents(meta["uid"])
+                return gone
             obj = copy.deepcopy(old)
             obj["metadata"]["deletionTimestamp"] = _now()
             if res.graceful:
@@ -395,6 +397,14 @@ class Store:
                         self.loop.call_later, self.pod_grace_seconds, self._finish_delete,
                         res, ns, name, meta["uid"])
             return self._commit("MODIFIED", res, obj, old)
+
+    def _collect_dependents(self, owner_uid: str) -> None:
+        """The garbage collector: objects owned (ownerReferences) by a deleted one go too."""
+        for (plural, ns, name), obj in list(self.objects.items()):
+            owners = obj["metadata"].get("ownerReferences") or []
+            if any(o.get("uid") == owner_uid for o in owners):
+                res = next(r for r in RESOURCES if r.plural == plural)
+                self.delete(res, ns or None, name)
 
     def _finish_delete(self, res: Resource, ns: str | None, name: str, uid: str) -> None:
         with self.lock:
