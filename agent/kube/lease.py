@@ -48,6 +48,10 @@ class Lease:
         try:
             while True:
                 held = await self._hold()
+                if task is not None and task.done():  # lead() failed: log, start it again
+                    if not task.cancelled() and task.exception():
+                        log.error("%s failed", self.name, exc_info=task.exception())
+                    task = None
                 if held and task is None:
                     log.info("holding lease %s: aggregating prewarm status", self.name)
                     task = asyncio.get_running_loop().create_task(lead())
@@ -71,6 +75,8 @@ class Lease:
                 log.warning("lease %s: %s %s", self.name, e.status, e.reason)
         except (aiohttp.ClientError, TimeoutError) as e:
             log.warning("lease %s: %s", self.name, str(e) or type(e).__name__)
+        except Exception:  # a malformed Lease must not stop the agent's watchers
+            log.exception("lease %s", self.name)
         return False
 
     async def _acquire_or_renew(self) -> bool:
