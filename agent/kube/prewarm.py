@@ -69,10 +69,11 @@ def prewarm_holder(name: str, ref: str) -> str:
 
 
 def prewarm_of_holder(holder: str) -> str | None:
-    """The prewarm name a holder of `prewarm_holder` belongs to."""
+    """The prewarm name a holder of `prewarm_holder` (or of an older version's
+    `prewarm:<name>`) belongs to."""
     kind, _, rest = holder.partition(":")
-    name, sep, _ = rest.partition(":")
-    return name if kind == "prewarm" and sep else None
+    name = rest.partition(":")[0]
+    return name if kind == "prewarm" and name else None
 
 
 def finished_for(obj: Obj, ttl: float, now: float) -> bool:

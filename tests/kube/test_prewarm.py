@@ -175,11 +175,13 @@ async def test_a_prewarm_deleted_while_a_node_was_down_is_unpinned_when_it_retur
                      == "Ready")
     await first.stop()  # the node is down ...
     kubeapi.delete(kubeapi.get("EnvironmentPrewarm", "gone"))  # ... when this goes
+    pw.pins["prewarm:kept"] = {"flox/quotes-app:3"}  # the holder an older version used
     second = Agents(kubeconfig)
     second.start("n1", pw)
     try:
         await eventually(lambda: "prewarm:gone:flox/redis" in pw.unpins,
                          what="the pin of the prewarm deleted meanwhile released")
+        await eventually(lambda: "prewarm:kept" in pw.unpins, what="the old holder replaced")
         await stays(lambda: "prewarm:kept:flox/quotes-app:3" in pw.pins)
     finally:
         await second.stop()
