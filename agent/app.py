@@ -30,6 +30,7 @@ from agent import __version__, metrics
 from agent.config import Config
 from agent.flox.floxhub import FloxHub
 from agent.flox.watch import GenerationWatch
+from agent.kube import health as kube_health
 from agent.logs import request_id
 from agent.node.realiser import NodeRealiser
 from agent.prefetch import Prefetcher
@@ -70,6 +71,7 @@ class Parts:
             "upstreams": health.source_states(self.upstreams),  # type: ignore[arg-type]
             "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
             "node_store": self.realiser.status(),
+            "kubernetes": kube_health.status(),
         }
 
     def environments(self) -> list[dict[str, object]]:
@@ -125,7 +127,8 @@ async def build(config: Config) -> AsyncIterator[Parts]:
                 kubeconfig=str(config.kubeconfig) if config.kubeconfig else None,
                 system=config.system,
                 options=KubeOptions(warm_taint=config.warm_taint,
-                                    warm_taint_timeout=config.warm_taint_timeout)))
+                                    warm_taint_timeout=config.warm_taint_timeout),
+                pin_holders=store.pins.holders))
         metrics.STORE_BUDGET.set(upkeep.budget())
         prefetcher.resume()
         yield Parts(config, store, upstreams, readthrough, sender, prefetcher, upkeep, realiser,

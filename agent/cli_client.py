@@ -21,7 +21,6 @@ from agent import exits
 from agent.config import Config
 
 SHOWN_FAILURES = 20   # on a terminal; a pipe gets every failure
-EXIT_USAGE = exits.USAGE  # kept for agent/cli_cluster.py until it imports agent.exits
 
 
 def console(stderr: bool = False) -> Console:

@@ -103,6 +103,12 @@ GENERATION_CHANGES = Counter(f"{P}_floxhub_generation_changes_total",
                              "New live generations noticed by the generation watch")
 KUBE_WATCH_RESTARTS = Counter(f"{P}_kube_watch_restarts_total",
                               "Kubernetes watches restarted", ["resource", "reason"])
+KUBE_WATCH_FAILURES = Gauge(f"{P}_kube_watch_consecutive_failures",
+                            "Consecutive failed list/watch attempts of a Kubernetes watcher",
+                            ["resource"])
+KUBE_WATCH_LAST_SUCCESS = Gauge(f"{P}_kube_watch_last_success_timestamp_seconds",
+                                "Unix time of a Kubernetes watcher's last successful list or "
+                                "watch", ["resource"])
 
 # --- the node's own Nix store (agent/node) ---------------------------------------------------
 NODE_REALISATIONS = Counter(f"{P}_node_realisations_total",

@@ -5,6 +5,7 @@ import time
 
 from aiohttp import web
 
+from agent.kube import health as kube_health
 from agent.readthrough import Source
 from agent.store.store import Store
 
@@ -29,6 +30,7 @@ def routes(store: Store, sources: list[Source]) -> list[web.RouteDef]:
         checks["disk"] = "full" if store.disk_full else "ok"
         checks["free_bytes"] = store.free_bytes()
         checks["upstreams"] = source_states(sources)
+        checks["kubernetes"] = kube_health.status()  # per-watcher health, never unready
         degraded = store.disk_full or any(s.breaker.is_open for s in sources)
         body = {"ready": ready, "degraded": degraded, "checks": checks, "time": time.time()}
         return web.Response(status=200 if ready else 503, text=json.dumps(body) + "\n",
