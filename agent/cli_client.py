@@ -108,6 +108,14 @@ async def status(args: argparse.Namespace) -> int:
     out.print(f"store {st['store']}: {_size(st['used_bytes'])} of {_size(st['budget_bytes'])} "
               f"budget, {st['entries']['narinfo']} paths, {_size(st['pinned_bytes'])} pinned"
               + (" [red]DISK FULL[/]" if st["disk_full"] else ""))
+    u = st["usage"]
+    out.print(f"  NARs {_size(u['nars'])}, index {_size(u['index'])}, listings and narinfos "
+              f"{_size(u['metadata'])}, temporary {_size(u['temporary'])}"
+              + (f", originals kept {_size(u['originals_in_grace'])} while clients may still "
+                 "read them (re-encoding grace period)" if u["originals_in_grace"] else ""))
+    if st["budget_configured_bytes"] > st["budget_bytes"]:
+        out.print(f"  [yellow]budget {_size(st['budget_configured_bytes'])} capped to what the "
+                  "disk can hold[/]")
     table = Table("environment", "generation", "paths", "size", "present", "pinned by")
     for e in envs:
         table.add_row(e["ref"], str(e["generation"] or "-"),

@@ -35,7 +35,7 @@ class Config:
     require_signatures: bool = True
     signing_key_file: Path | None = None
     priority: int = 10
-    store_budget: str = "80%"
+    store_budget: str = "25%"
     gc_high_watermark: float = 0.95
     gc_low_watermark: float = 0.85
     gc_interval: float = 30.0

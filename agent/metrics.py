@@ -71,6 +71,11 @@ GC_DURATION = Histogram(f"{P}_gc_duration_seconds", "Duration of an eviction pas
                         buckets=GC_LATENCY)
 RECOMPRESSIONS = Counter(f"{P}_recompressions_total",
                          "NARs re-encoded to zstd for faster unpacking, by outcome", ["outcome"])
+INDEX_REBUILDS = Counter(f"{P}_index_rebuilds_total",
+                         "Corrupt indexes moved aside and rebuilt from the store's files")
+NAR_REFETCHES = Counter(f"{P}_nar_refetches_total",
+                        "NARs a client asked for that were gone from the store (evicted, lost, "
+                        "or never stored on a full disk), streamed again from their source")
 SCRUBBED_BYTES = Counter(f"{P}_scrubbed_bytes_total", "Bytes re-hashed by the background scrub")
 
 # --- prefetch --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from agent import metrics
 from agent.config import Config, parse_size
 from agent.store.gc import GcResult, collect
+from agent.store.space import out_of_space
 from agent.store.store import Store
 from agent.store.verify import Scrubber
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 # How long an upstream narinfo is remembered when its NAR is never asked for.
 PENDING_TTL = 24 * 3600.0
 ACCESS_FLUSH_INTERVAL = 5.0
+# Free space the store always leaves on its disk, at most (a twentieth of a small disk).
+MIN_FREE = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,12 @@ async def _repeat(chore: Chore) -> None:
     while True:
         try:
             await chore.run()
-        except Exception:
-            log.exception("upkeep failed", extra={"fields": {"chore": chore.name}})
+        except Exception as e:
+            if out_of_space(e):  # expected on a full disk: retried at the next turn
+                log.warning("upkeep postponed: disk full", extra={"fields": {
+                    "chore": chore.name, "error": str(e)}})
+            else:
+                log.exception("upkeep failed", extra={"fields": {"chore": chore.name}})
         await asyncio.sleep(chore.every)
 
 
@@ -53,11 +60,27 @@ class Upkeep:
         self.busy = busy
         self.config = config
         self._scrubber = Scrubber(store, parse_size(config.scrub_rate))
+        self._warned = False
 
-    def budget(self) -> int:
+    def configured_budget(self) -> int:
         return self.config.budget_bytes(self.store.filesystem_bytes())
 
+    def budget(self) -> int:
+        """The configured budget, capped by what the disk can hold: the store never fills the
+        disk it shares with the node (the kubelet evicts pods when that disk runs low)."""
+        configured = self.configured_budget()
+        store = self.store
+        fits = store.used_bytes() + store.free_bytes() - min(MIN_FREE,
+                                                             store.filesystem_bytes() // 20)
+        if configured > fits and not self._warned:
+            log.warning("store budget exceeds what the disk can hold: capped at the space "
+                        "available", extra={"fields": {"budget": configured,
+                                                       "available": max(fits, 0)}})
+        self._warned = configured > fits
+        return max(0, min(configured, fits))
+
     async def collect_garbage(self, *, dry_run: bool = False, force: bool = False) -> GcResult:
+        await self.store.run_io(self.store.measure_overhead)
         budget = self.budget()
         metrics.STORE_BUDGET.set(budget)
         cfg = self.config
@@ -76,17 +99,24 @@ class Upkeep:
         async def flush_access() -> None:
             store.flush_access()
 
-        async def tidy() -> None:
-            store.check_disk_recovered()
+        async def disk() -> None:
+            await store.run_io(store.check_disk_recovered)
+
+        async def drop_replaced() -> None:
             store.drop_replaced(cfg.recompress_grace)
+
+        async def forget_pending() -> None:
             store.forget_stale_pending(PENDING_TTL)
 
         async def scrub_later() -> None:
             await asyncio.sleep(cfg.scrub_interval)  # not at start: the last pass was recent
             await self.scrub()
 
+        # Separate chores: one that fails (a full disk) never skips the others.
         chores = [Chore("access", ACCESS_FLUSH_INTERVAL, flush_access),
-                  Chore("tidy", cfg.gc_interval, tidy),
+                  Chore("disk", cfg.gc_interval, disk),
+                  Chore("drop_replaced", cfg.gc_interval, drop_replaced),
+                  Chore("forget_pending", cfg.gc_interval, forget_pending),
                   Chore("gc", cfg.gc_interval, self.collect_garbage)]
         if cfg.scrub_interval > 0:
             chores.append(Chore("scrub", 0, scrub_later))

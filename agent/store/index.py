@@ -5,6 +5,7 @@ file, however many narinfos point to it, so its size is counted once. A row with
 known from an upstream narinfo but not on disk yet (the NAR will be fetched on first request).
 """
 
+import contextlib
 import functools
 import json
 import sqlite3
@@ -131,7 +132,8 @@ class Index:
 
     @_locked
     def close(self) -> None:
-        self.flush_access()
+        with contextlib.suppress(sqlite3.OperationalError):  # a full disk: the times are lost
+            self.flush_access()
         self.db.close()
 
     @contextmanager
@@ -322,11 +324,16 @@ class Index:
             return
         nars, infos = self._touched_nars, self._touched_narinfos
         self._touched_nars, self._touched_narinfos = {}, {}
-        with self.transaction() as db:
-            db.executemany("UPDATE nars SET last_access = ? WHERE file = ?",
-                           [(t, f) for f, t in nars.items()])
-            db.executemany("UPDATE narinfos SET last_access = ? WHERE hash = ?",
-                           [(t, h) for h, t in infos.items()])
+        try:
+            with self.transaction() as db:
+                db.executemany("UPDATE nars SET last_access = ? WHERE file = ?",
+                               [(t, f) for f, t in nars.items()])
+                db.executemany("UPDATE narinfos SET last_access = ? WHERE hash = ?",
+                               [(t, h) for h, t in infos.items()])
+        except sqlite3.OperationalError:  # a full disk: kept for the next flush
+            self._touched_nars = {**nars, **self._touched_nars}
+            self._touched_narinfos = {**infos, **self._touched_narinfos}
+            raise
 
     # --- totals ----------------------------------------------------------------------------
 
@@ -334,6 +341,13 @@ class Index:
     def used_bytes(self) -> int:
         return self.db.execute("SELECT COALESCE(SUM(file_size), 0) FROM nars "
                                "WHERE committed = 1").fetchone()[0]
+
+    @_locked
+    def replaced_bytes(self) -> tuple[int, float | None]:
+        """Bytes of old encodings kept for their grace period, and when the oldest was
+        replaced (None if there is none)."""
+        return self.db.execute("SELECT COALESCE(SUM(file_size), 0), MIN(replaced_at) FROM nars "
+                               "WHERE committed = 1 AND replaced_by IS NOT NULL").fetchone()
 
     @_locked
     def counts(self) -> dict[str, int]:
@@ -423,14 +437,22 @@ class Index:
 
     @_locked
     def eviction_candidates(self) -> list[NarRow]:
-        """Committed NARs, least recently used first, that no pinned narinfo points to."""
-        self.flush_access()
+        """Committed NARs, least recently used first, that no pinned narinfo points to.
+
+        Uses not yet flushed count too, so eviction never needs a write before it can
+        delete (on a full disk that write would fail)."""
         rows = self.db.execute(
-            f"SELECT {_NAR_COLS} FROM nars n WHERE committed = 1 AND NOT EXISTS ("
-            "SELECT 1 FROM narinfos i JOIN pins p ON p.hash = i.hash WHERE i.nar_file = n.file) "
-            "ORDER BY MAX(n.last_access, COALESCE((SELECT MAX(i.last_access) FROM narinfos i "
-            "WHERE i.nar_file = n.file), 0))")
-        return [_nar_row(r) for r in rows.fetchall()]
+            f"SELECT {_NAR_COLS}, MAX(n.last_access, COALESCE((SELECT MAX(i.last_access) "
+            "FROM narinfos i WHERE i.nar_file = n.file), 0)) FROM nars n WHERE committed = 1 "
+            "AND NOT EXISTS (SELECT 1 FROM narinfos i JOIN pins p ON p.hash = i.hash "
+            "WHERE i.nar_file = n.file)").fetchall()
+        recent = dict(self._touched_nars)
+        for hash_part, t in self._touched_narinfos.items():
+            info = self._cache.get(hash_part) or self._narinfo(hash_part)
+            if info is not None:
+                recent[info.nar_file] = max(t, recent.get(info.nar_file, 0.0))
+        rows.sort(key=lambda r: max(r[-1], recent.get(r[0], 0.0)))
+        return [_nar_row(r) for r in rows]
 
 
 @dataclass(frozen=True)
