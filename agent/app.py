@@ -63,7 +63,7 @@ class Parts:
         return {
             "store": str(self.config.store), "used_bytes": store.used_bytes(),
             "budget_bytes": self.upkeep.budget(), "free_bytes": store.free_bytes(),
-            "budget_configured_bytes": self.upkeep.configured_budget(), "usage": store.usage(),
+            "budget_exceeds_disk": self.upkeep.budget_exceeds_disk, "usage": store.usage(),
             "entries": store.counts(), "pinned_bytes": store.pins.pinned_bytes(),
             "pins": store.pins.holders(), "disk_full": store.disk_full,
             "upstreams": health.source_states(self.upstreams),  # type: ignore[arg-type]

@@ -41,8 +41,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
       help="secret key (nix-store --generate-binary-cache-key) to add our own signature")
     a("--priority", type=int, help="Priority in nix-cache-info; lower is preferred (default 10)")
     a("--store-budget", metavar="SIZE|PCT", help="store size budget, everything the store "
-      "writes counted: 50G, or 25%% of the filesystem (default 25%%; never more than the disk "
-      "can hold)")
+      "writes counted: 50G, or 25%% of the filesystem (default 25%%)")
     a("--gc-high-watermark", type=float, metavar="RATIO",
       help="start evicting above this share of the budget (default 0.95)")
     a("--gc-low-watermark", type=float, metavar="RATIO",

@@ -113,9 +113,9 @@ async def status(args: argparse.Namespace) -> int:
               f"{_size(u['metadata'])}, temporary {_size(u['temporary'])}"
               + (f", originals kept {_size(u['originals_in_grace'])} while clients may still "
                  "read them (re-encoding grace period)" if u["originals_in_grace"] else ""))
-    if st["budget_configured_bytes"] > st["budget_bytes"]:
-        out.print(f"  [yellow]budget {_size(st['budget_configured_bytes'])} capped to what the "
-                  "disk can hold[/]")
+    if st["budget_exceeds_disk"]:
+        out.print("  [yellow]the budget is more than the disk can hold: it fills before "
+                  "eviction starts (lower --store-budget)[/]")
     table = Table("environment", "generation", "paths", "size", "present", "pinned by")
     for e in envs:
         table.add_row(e["ref"], str(e["generation"] or "-"),

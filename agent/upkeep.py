@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 # How long an upstream narinfo is remembered when its NAR is never asked for.
 PENDING_TTL = 24 * 3600.0
 ACCESS_FLUSH_INTERVAL = 5.0
-# Free space the store always leaves on its disk, at most (a twentieth of a small disk).
-MIN_FREE = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -61,23 +59,20 @@ class Upkeep:
         self.config = config
         self._scrubber = Scrubber(store, parse_size(config.scrub_rate))
         self._warned = False
-
-    def configured_budget(self) -> int:
-        return self.config.budget_bytes(self.store.filesystem_bytes())
+        self.budget_exceeds_disk = False
 
     def budget(self) -> int:
-        """The configured budget, capped by what the disk can hold: the store never fills the
-        disk it shares with the node (the kubelet evicts pods when that disk runs low)."""
-        configured = self.configured_budget()
-        store = self.store
-        fits = store.used_bytes() + store.free_bytes() - min(MIN_FREE,
-                                                             store.filesystem_bytes() // 20)
-        if configured > fits and not self._warned:
-            log.warning("store budget exceeds what the disk can hold: capped at the space "
-                        "available", extra={"fields": {"budget": configured,
-                                                       "available": max(fits, 0)}})
-        self._warned = configured > fits
-        return max(0, min(configured, fits))
+        """The configured budget; a warning when it is more than the disk can hold (the disk
+        would fill up before eviction starts)."""
+        budget = self.config.budget_bytes(self.store.filesystem_bytes())
+        self.budget_exceeds_disk = budget > self.store.used_bytes() + self.store.free_bytes()
+        if self.budget_exceeds_disk and not self._warned:
+            log.warning("store budget is more than the disk can hold: the disk fills before "
+                        "eviction starts; lower --store-budget", extra={"fields": {
+                            "budget": budget, "used": self.store.used_bytes(),
+                            "free": self.store.free_bytes()}})
+        self._warned = self.budget_exceeds_disk
+        return budget
 
     async def collect_garbage(self, *, dry_run: bool = False, force: bool = False) -> GcResult:
         await self.store.run_io(self.store.measure_overhead)

@@ -142,10 +142,12 @@ class Index:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                # Also after a failed COMMIT (a full disk), which leaves the transaction open.
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
 
     # --- narinfos and NARs -----------------------------------------------------------------
 
@@ -301,11 +303,18 @@ class Index:
     @_locked
     def remove_nar(self, file: str) -> list[str]:
         """Remove a NAR and every narinfo that points to it; returns the narinfo hashes."""
+        return self.remove_nars([file])
+
+    @_locked
+    def remove_nars(self, files: Iterable[str]) -> list[str]:
+        """remove_nar for several NARs, in one transaction."""
+        hashes: list[str] = []
         with self.transaction() as db:
-            hashes = [r[0] for r in db.execute("SELECT hash FROM narinfos WHERE nar_file = ?",
-                                               (file,))]
-            db.execute("DELETE FROM narinfos WHERE nar_file = ?", (file,))
-            db.execute("DELETE FROM nars WHERE file = ?", (file,))
+            for file in files:
+                hashes += [r[0] for r in db.execute(
+                    "SELECT hash FROM narinfos WHERE nar_file = ?", (file,))]
+                db.execute("DELETE FROM narinfos WHERE nar_file = ?", (file,))
+                db.execute("DELETE FROM nars WHERE file = ?", (file,))
         self._uncache(hashes)
         return hashes
 

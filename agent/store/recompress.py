@@ -23,6 +23,7 @@ from agent.nix.hashes import Hash
 from agent.nix.verify import NarVerifier, VerificationError
 from agent.store.index import NarRow
 from agent.store.layout import nar_file_name
+from agent.store.space import out_of_space
 from agent.store.store import Store
 from agent.store.transfer import NarOpener
 
@@ -54,12 +55,17 @@ class Recompressor:
             file = await self.queue.get()
             try:
                 await self.store.run_io(self.recompress, file)
-            except Exception:
-                log.exception("re-encoding failed", extra={"fields": {"file": file}})
+                self.store.drop_replaced(self.grace)
+            except Exception as e:
                 metrics.RECOMPRESSIONS.labels("error").inc()
+                if out_of_space(e):  # the original stays; nothing is lost
+                    self.store.set_disk_full(True)
+                    log.warning("re-encoding skipped: disk full", extra={"fields": {
+                        "file": file}})
+                else:
+                    log.exception("re-encoding failed", extra={"fields": {"file": file}})
             finally:
                 self.queue.task_done()
-            self.store.drop_replaced(self.grace)
 
     def recompress(self, file: str) -> None:
         old = self.store.nar_row(file)

@@ -120,7 +120,11 @@ class Store:
         it, so the next request for its paths is a miss that fetches them again."""
         log.warning("nar file missing: forgotten, fetched again on demand", extra={"fields": {
             "file": file}})
-        self.remove_nar(file)
+        try:
+            self.remove_nar(file)
+        except sqlite3.OperationalError as e:  # still remembered for clients, retried later
+            if not out_of_space(e):
+                raise
 
     def committed_nars(self) -> list[NarRow]:
         return self._index.committed_nars()
@@ -266,30 +270,37 @@ class Store:
 
     def remove_nar(self, file: str) -> int:
         """Delete a committed NAR and its narinfos (narinfos first: never one without a NAR),
-        and its listing once no encoding of the NAR is left. Its source is remembered, for
-        clients that hold one of its narinfos."""
-        row = self._index.nar(file)
+        and its listing once no encoding of the NAR is left; returns the bytes freed."""
+        return self.remove_nars([file])
+
+    def remove_nars(self, files: list[str]) -> int:
+        """remove_nar for several NARs. Their sources are remembered, for clients that hold
+        one of their narinfos. On a full disk, where even the index's delete has no room, the
+        files go first (a narinfo naming a missing file is answered as a miss)."""
+        rows = [row for row in map(self._index.nar, files) if row is not None]
+        for row in rows:
+            self._remember_uncached(row)
         try:
-            hashes = self._index.remove_nar(file)
+            hashes = self._index.remove_nars(files)
         except sqlite3.OperationalError as e:
             if not out_of_space(e):
                 raise
-            # No room even for the index's own delete: free the files first (a narinfo that
-            # names a missing file is answered as a miss), then forget them.
             self.set_disk_full(True)
-            self._unlink_entry(file, self._index.narinfos_for_nar(file))
-            hashes = self._index.remove_nar(file)
-        self._unlink_entry(file, hashes)
-        if row is not None:
-            self._remember_uncached(row)
+            for file in files:
+                self._unlink_entry(file, [i.hash for i in self._index.narinfos_for_nar(file)])
+            hashes = self._index.remove_nars(files)
+        for hash_part in hashes:
+            self.layout.narinfo(hash_part).unlink(missing_ok=True)
+        for file in files:
+            self.layout.nar(file).unlink(missing_ok=True)
+        for row in rows:
             if not self._index.has_nar_hash(row.nar_hash):
                 self.layout.listing(row.nar_hash).unlink(missing_ok=True)
-        return (row.file_size or 0) if row else 0
+        return sum(row.file_size or 0 for row in rows)
 
-    def _unlink_entry(self, file: str, narinfos: Iterable[NarInfoRow | str]) -> None:
-        for info in narinfos:
-            self.layout.narinfo(info if isinstance(info, str) else info.hash)\
-                .unlink(missing_ok=True)
+    def _unlink_entry(self, file: str, narinfos: list[str]) -> None:
+        for hash_part in narinfos:
+            self.layout.narinfo(hash_part).unlink(missing_ok=True)
         self.layout.nar(file).unlink(missing_ok=True)
 
     def read_listing(self, hash_part: str) -> bytes | None:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -106,21 +105,6 @@ def test_kill_9_during_eviction_keeps_the_store_consistent(
         pass
     assert verify(store).returncode == 0  # start-up recovery removed any orphans
     assert len(list((store / "nar").iterdir())) < before
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True,
-                       capture_output=True)
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        pytest.fail(f"cannot mount a tmpfs (the suite runs as root): {e}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_disk_full_still_serves_the_client_and_recovers(
