@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 from typing import Any
 
@@ -149,7 +150,12 @@ def verify(args: argparse.Namespace) -> int:
     if not (args.store / "nix-cache-info").exists():
         err.print(f"[red]error:[/] {args.store} is not a flox-node-cache store")
         return EXIT_USAGE
-    report = verify_store(args.store, repair=args.repair, progress=not args.json)
+    try:
+        report = verify_store(args.store, repair=args.repair, progress=not args.json)
+    except sqlite3.DatabaseError as e:  # the agent rebuilds it at its next start
+        err.print(f"[red]error:[/] the index of {args.store} is unusable ({e}); restart the "
+                  "agent to rebuild it from the store's files")
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:

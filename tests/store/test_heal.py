@@ -72,6 +72,8 @@ async def test_a_corrupt_index_is_rebuilt_from_the_store_and_serves_the_same_byt
                               capture_output=True).returncode == 0
     index = store / ".index.sqlite"
     index.write_bytes(damage(index.read_bytes()))
+    found = verify(store)  # a tool beside the agent says so, and leaves it to the agent
+    assert found.returncode == 1 and "restart the agent" in " ".join(found.stderr.split())
     # A damaged NAR too: the rebuild must not vouch for it.
     damaged = small_closure.chain[1]
     nar = store / url_of(narinfo_file(store, damaged).read_text())
