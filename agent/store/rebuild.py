@@ -68,6 +68,10 @@ def corruption(path: Path) -> str | None:
 
 
 def _move_aside(path: Path) -> Path:
+    """Keep the corrupt index for a post-mortem (only the latest: each counts against the
+    budget)."""
+    for older in path.parent.glob(f"{path.name}.corrupt-*"):
+        older.unlink()
     aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
     for suffix in ("-wal", "-shm"):  # never replayed into the new index
         path.with_name(path.name + suffix).unlink(missing_ok=True)
