@@ -111,16 +111,23 @@ def _locked(method):  # type: ignore[no-untyped-def]
 
 
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """read_only: a last resort when a full disk leaves no room for SQLite's -shm file;
+        the main file is read as it is (what only its WAL holds is not seen) and every write
+        fails as if the disk were full."""
         self.path = path
         self._lock = threading.RLock()
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30,
-                                  check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=OFF")
-        self.db.executescript(SCHEMA)
-        _migrate(self.db)
+        if read_only:
+            self.db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True,
+                                      isolation_level=None, check_same_thread=False)
+        else:
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=OFF")
+            self.db.executescript(SCHEMA)
+            _migrate(self.db)
         # Committed narinfos by hash: a hit is served without a query. Every method that
         # rewrites or removes a committed narinfo drops its entry.
         self._cache: dict[str, NarInfoRow] = {}

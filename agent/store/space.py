@@ -19,14 +19,16 @@ RESERVE_MAX = 8 << 20
 RESERVE_NAME = ".reserve"
 # Free space that clears the disk-full state, at most (a tenth of a small filesystem).
 HEADROOM = 64 << 20
-_SQLITE_FULL, _SQLITE_IOERR = 13, 10
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL = 8, 10, 13
 
 
 def out_of_space(e: BaseException) -> bool:
     """Whether a failed write failed for lack of space (a full disk or quota)."""
     if isinstance(e, sqlite3.OperationalError):
-        # Opening a WAL database on a full disk fails with an I/O error (its -shm file).
-        return getattr(e, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
+        # Opening a WAL database on a full disk fails with an I/O error (its -shm file); an
+        # index opened read-only for that reason refuses writes.
+        return getattr(e, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR,
+                                                             _SQLITE_READONLY)
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -18,7 +18,7 @@ from typing import TypeVar
 from agent import metrics
 from agent.nix.hashes import Hash
 from agent.nix.narinfo import NarInfo, file_fields
-from agent.store.commit import new_temp, publish, recover, write_atomic
+from agent.store.commit import clear_temp_files, new_temp, publish, recover, write_atomic
 from agent.store.index import Index, NarInfoRow, NarRow, PathFields
 from agent.store.layout import Layout, nar_file_name
 from agent.store.pins import Pins
@@ -43,6 +43,9 @@ class Store:
         self.layout = Layout(root)
         self.layout.create()
         self.space = Space(self.layout)
+        self.read_only = False
+        if recover_on_open:  # a download cut short may be what filled the disk
+            clear_temp_files(self.layout)
         self._index = self._open_index(heal=recover_on_open)
         self.pins = Pins(self._index)
         self.priority = priority
@@ -50,7 +53,7 @@ class Store:
         self._uncached: OrderedDict[str, NarRow] = OrderedDict()
         # Only the process that recovered the store owns its temporary files.
         self._owns_temp_files = recover_on_open
-        if recover_on_open:
+        if recover_on_open and not self.read_only:
             try:
                 recover(self.layout, self._index)
                 self._write_cache_info()
@@ -71,14 +74,22 @@ class Store:
             write_atomic(self.layout, path, text.encode())
 
     def _open_index(self, heal: bool) -> Index:
-        try:
-            return open_index(self.layout, heal=heal)
-        except sqlite3.OperationalError as e:
-            # SQLite needs room for its -shm and -wal files: give up the reserve and retry.
-            if not (out_of_space(e) and self.space.release_reserve()):
-                raise
-            self.set_disk_full(True)
-            return open_index(self.layout, heal=heal)
+        """SQLite needs room for its -shm and -wal files: on a full disk the reserve is given
+        up; without one, the index is opened read-only (hits are served, nothing is
+        recorded) until the agent is restarted with room."""
+        for attempt in range(2):
+            try:
+                return open_index(self.layout, heal=heal)
+            except sqlite3.OperationalError as e:
+                if not out_of_space(e):
+                    raise
+                self.set_disk_full(True)
+                if attempt or not self.space.release_reserve():
+                    break
+        log.error("no room on the disk to open the index: serving what the store holds, "
+                  "read-only, until restarted with free space")
+        self.read_only = True
+        return Index(self.layout.index, read_only=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -101,3 +101,24 @@ async def test_eviction_frees_space_on_a_full_disk(
         wait_for(lambda: (store / f"{hash_part(small_closure.chain[-1])}.narinfo").exists(),
                  "the smallest path to be cached again")
     assert verify(store).returncode == 0
+
+
+async def test_a_disk_full_without_a_reserve_starts_read_only_and_serves_hits(
+        tmp_path: Path, tiny_tmpfs: Path, upstream_server: UpstreamServer,
+        signing_key: tuple[Path, str], small_closure: Closure) -> None:
+    key = signing_key[1]
+    store = tiny_tmpfs / "store"
+    warm(tmp_path, store, upstream_server, key, small_closure)
+    (store / ".reserve").unlink()  # e.g. the first start of a new version on a full disk
+    fill(tiny_tmpfs)
+    upstream_server.reset_counts()
+    with AgentProcess(tmp_path / "full", [upstream_server.url], [key], store=store) as agent:
+        r = nix_copy(agent.url, tmp_path / "hit", small_closure.roots, [key])
+        assert r.returncode == 0, r.stderr
+        assert upstream_server.count("/nar/*") == 0
+        assert agent.metric("flox_node_cache_store_disk_full") == 1
+        assert any(rec["msg"].startswith("no room on the disk to open the index")
+                   for rec in agent.log_records())
+    assert agent.proc is not None and agent.proc.returncode == 0
+    (tiny_tmpfs / "filler").unlink()
+    assert verify(store).returncode == 0  # nothing was lost or half-written
