@@ -57,7 +57,8 @@ VERIFY_FAILURES = Counter(f"{P}_verification_failures_total",
                           "Upstream or stored data rejected by verification", ["reason"])
 
 # --- store -----------------------------------------------------------------------------------
-STORE_BYTES = Gauge(f"{P}_store_used_bytes", "Bytes of committed NARs in the store")
+STORE_BYTES = Gauge(f"{P}_store_used_bytes", "Bytes the store counts against its budget: NAR "
+                    "files, the index, temporary files, narinfos and listings")
 STORE_BUDGET = Gauge(f"{P}_store_budget_bytes", "Size budget of the store")
 STORE_ENTRIES = Gauge(f"{P}_store_entries", "Committed entries in the store", ["kind"])
 STORE_PINNED = Gauge(f"{P}_store_pinned_bytes", "Bytes of NARs held by pins")

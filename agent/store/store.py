@@ -231,10 +231,14 @@ class Store:
                    listing: bytes | None = None) -> None:
         """Publish a verified NAR (its listing first, if known), then every narinfo that
         waits for it."""
-        if listing is not None:
-            row = self._index.nar(file)
-            if row is not None:
+        row = self._index.nar(file) if listing is not None else None
+        if row is not None and listing is not None:
+            try:
                 self.save_listing(row.nar_hash, listing)
+            except OSError as e:  # the scrub builds it later
+                if not out_of_space(e):
+                    raise
+                self.set_disk_full(True)
         publish(tmp, self.layout.nar(file))
         try:
             self._index.mark_nar_committed(file, file_size, file_hash)
