@@ -96,10 +96,10 @@ class Recompressor:
         with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
             chunk = src.read(READ)
             while True:
-                data = step.feed(chunk) if chunk else step.finish()
-                digest.update(data)
-                size += len(data)
-                out.write(data)
+                for data in step.feed(chunk) if chunk else step.finish():
+                    digest.update(data)
+                    size += len(data)
+                    out.write(data)
                 if not chunk:
                     break
                 chunk = src.read(READ)
@@ -125,16 +125,19 @@ class Transcoder:
         self._encoder = None if target == "none" else \
             zstandard.ZstdCompressor(level=level).compressobj()
 
-    def _encode(self, parts: Iterator[bytes]) -> bytes:
-        data = b"".join(parts)
-        return data if self._encoder is None else self._encoder.compress(data)
+    def _encode(self, parts: Iterator[bytes]) -> Iterator[bytes]:
+        for part in parts:  # one bounded decoder step at a time
+            data = part if self._encoder is None else self._encoder.compress(part)
+            if data:
+                yield data
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
         return self._encode(self._decoder.feed(chunk))
 
-    def finish(self) -> bytes:
-        tail = self._encode(self._decoder.finish())
-        return tail + (self._encoder.flush() if self._encoder is not None else b"")
+    def finish(self) -> Iterator[bytes]:
+        yield from self._encode(self._decoder.finish())
+        if self._encoder is not None:
+            yield self._encoder.flush()
 
 
 # How each encoding starts: a source's bytes are recognised, whatever its narinfo said.
@@ -147,7 +150,7 @@ def sniff(head: bytes) -> str | None:
 
 
 def in_encoding(opener: NarOpener, target: str, level: int,
-                run_io: Callable[..., Awaitable[bytes]]) -> NarOpener:
+                run_io: Callable[..., Awaitable[bytes | None]]) -> NarOpener:
     """`opener`'s bytes in the `target` encoding: when the source holds the original of a
     re-encoded NAR (xz upstream, zstd here), it is re-encoded on the way, off the event loop.
     The caller verifies the result against the re-encoding's FileHash and NarHash."""
@@ -160,7 +163,7 @@ def in_encoding(opener: NarOpener, target: str, level: int,
 
 
 async def _transcoded(chunks: AsyncIterator[bytes], target: str, level: int,
-                      run_io: Callable[..., Awaitable[bytes]]) -> AsyncIterator[bytes]:
+                      run_io: Callable[..., Awaitable[bytes | None]]) -> AsyncIterator[bytes]:
     first = b""
     async for first in chunks:
         if first:
@@ -173,10 +176,17 @@ async def _transcoded(chunks: AsyncIterator[bytes], target: str, level: int,
             yield chunk
         return
     step = Transcoder(source, target, level)
-    if data := await run_io(step.feed, first):
+    async for data in _steps(step.feed(first), run_io):
         yield data
     async for chunk in chunks:
-        if data := await run_io(step.feed, chunk):
+        async for data in _steps(step.feed(chunk), run_io):
             yield data
-    if data := await run_io(step.finish):
+    async for data in _steps(step.finish(), run_io):
+        yield data
+
+
+async def _steps(parts: Iterator[bytes], run_io: Callable[..., Awaitable[bytes | None]]) \
+        -> AsyncIterator[bytes]:
+    """Each step of a (CPU-bound) transcoding generator, run off the event loop."""
+    while (data := await run_io(next, parts, None)) is not None:
         yield data
