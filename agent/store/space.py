@@ -94,10 +94,9 @@ class Space:
                 return
             with open(self.reserve, "wb") as f:
                 os.posix_fallocate(f.fileno(), 0, size)  # real blocks, not a sparse file
-        except OSError as e:
+        except OSError as e:  # best effort: a filesystem without fallocate has none
             self.reserve.unlink(missing_ok=True)
-            if not out_of_space(e):
-                raise
+            log.debug("no reserve", extra={"fields": {"error": str(e)}})
 
 
 def overhead_bytes(layout: Layout) -> dict[str, int]:
