@@ -117,6 +117,9 @@ async def test_a_disk_full_without_a_reserve_starts_read_only_and_serves_hits(
         assert r.returncode == 0, r.stderr
         assert upstream_server.count("/nar/*") == 0
         assert agent.metric("flox_node_cache_store_disk_full") == 1
+        async with aiohttp.ClientSession() as s, s.get(f"{agent.metrics_url}/readyz") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["checks"]["index"] == "read_only"
         assert any(rec["msg"].startswith("no room on the disk to open the index")
                    for rec in agent.log_records())
     assert agent.proc is not None and agent.proc.returncode == 0
