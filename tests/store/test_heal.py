@@ -4,6 +4,7 @@ is fetched again, byte for byte. The real agent, the real Nix client."""
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import aiohttp
@@ -11,7 +12,7 @@ import pytest
 
 from tests.store.test_faults import verify, wait_for
 from tests.support.agent import AgentProcess
-from tests.support.nixenv import Closure, hash_part, nix_copy, path_valid_in
+from tests.support.nixenv import Closure, hash_part, nix_copy, nix_env, path_valid_in
 from tests.support.upstream import UpstreamServer
 
 
@@ -153,3 +154,39 @@ async def test_a_nar_evicted_between_narinfo_and_nar_is_fetched_again(
             assert r.status == 200
             assert await r.read() == body
         assert agent.metric("flox_node_cache_nar_refetches_total") == 1
+
+
+def realise(dest_root: Path, path: str, substituters: list[str], key: str) \
+        -> subprocess.CompletedProcess:
+    """The node's view: `nix-store -r` with several substituters, in priority order."""
+    with tempfile.TemporaryDirectory(prefix="nix-xdg-") as xdg:
+        env = nix_env(f"substituters = {' '.join(substituters)}\ntrusted-public-keys = {key}\n"
+                      "require-sigs = true\nnarinfo-cache-negative-ttl = 0\n"
+                      "narinfo-cache-positive-ttl = 0\n")
+        env["XDG_CACHE_HOME"] = xdg
+        return subprocess.run(["nix-store", "--store", str(dest_root), "-r", path], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+
+async def test_a_nar_gone_without_a_source_is_a_404_the_client_falls_through(
+        tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
+        small_closure: Closure) -> None:
+    """After a rebuild the store knows no source for its NARs: a file then deleted is a 404,
+    and the real Nix client, holding its narinfo, moves on to its next substituter."""
+    key = signing_key[1]
+    store = tmp_path / "store"
+    leaf = small_closure.chain[-1]
+    with AgentProcess(tmp_path / "a", [upstream_server.url], [key], store=store) as agent:
+        assert nix_copy(agent.url, tmp_path / "warm", [leaf], [key]).returncode == 0
+        wait_reencoded(store, Closure([leaf], [leaf]))
+    (store / ".index.sqlite").write_bytes(b"\0" * 100)  # rebuilt: no sources known
+    with AgentProcess(tmp_path / "b", [upstream_server.url], [key], store=store) as agent:
+        (store / url_of(narinfo_file(store, leaf).read_text())).unlink()
+        upstream_server.reset_counts()
+        r = realise(tmp_path / "node", leaf, [agent.url, f"{upstream_server.url}?priority=90"],
+                    key)
+        assert r.returncode == 0, r.stderr
+        assert path_valid_in(tmp_path / "node", leaf)
+        assert agent.metric("flox_node_cache_http_requests_total", endpoint="nar",
+                            code="404") == 1
+        assert upstream_server.count("/nar/*") == 1  # from the next substituter
