@@ -125,3 +125,20 @@ async def test_a_disk_full_without_a_reserve_starts_read_only_and_serves_hits(
     assert agent.proc is not None and agent.proc.returncode == 0
     (tiny_tmpfs / "filler").unlink()
     assert verify(store).returncode == 0  # nothing was lost or half-written
+
+
+def test_a_budget_larger_than_the_disk_is_flagged(
+        tmp_path: Path, tiny_tmpfs: Path, upstream_server: UpstreamServer,
+        signing_key: tuple[Path, str]) -> None:
+    with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]],
+                      "--store-budget", "1G", store=tiny_tmpfs / "store") as agent:
+        st = json.loads(cli(agent, "status", "--json").stdout)["store"]
+        assert st["budget_exceeds_disk"] is True
+        assert "more than the disk can hold" in " ".join(cli(agent, "status").stdout.split())
+        assert any(r["msg"].startswith("store budget is more than the disk can hold")
+                   for r in agent.log_records())
+    with AgentProcess(tmp_path / "b", [upstream_server.url], [signing_key[1]],
+                      store=tiny_tmpfs / "store") as agent:  # the default: 25% of the disk
+        st = json.loads(cli(agent, "status", "--json").stdout)["store"]
+        assert st["budget_exceeds_disk"] is False
+        assert st["budget_bytes"] == 3 * 2**20 // 4
