@@ -66,6 +66,7 @@ class Parts:
         return {
             "store": str(self.config.store), "used_bytes": store.used_bytes(),
             "budget_bytes": self.upkeep.budget(), "free_bytes": store.free_bytes(),
+            "budget_exceeds_disk": self.upkeep.budget_exceeds_disk, "usage": store.usage(),
             "entries": store.counts(), "pinned_bytes": store.pins.pinned_bytes(),
             "pins": store.pins.holders(), "disk_full": store.disk_full,
             "upstreams": health.source_states(self.upstreams),  # type: ignore[arg-type]
@@ -101,7 +102,7 @@ async def build(config: Config) -> AsyncIterator[Parts]:
         readthrough = ReadThrough(
             store, list(upstreams), list(config.public_keys),
             require_signatures=config.require_signatures, signing_key=config.signing_key,
-            negative_ttl=config.negative_ttl,
+            negative_ttl=config.negative_ttl, recompress_level=config.recompress_level,
             on_committed=recompressor.submit if recompressor else lambda file: None)
         stack.push_async_callback(readthrough.aclose)
         sender = FileSender(config.client_stall_timeout)

@@ -68,7 +68,8 @@ VERIFY_FAILURES = Counter(f"{P}_verification_failures_total",
                           "Upstream or stored data rejected by verification", ["reason"])
 
 # --- store -----------------------------------------------------------------------------------
-STORE_BYTES = Gauge(f"{P}_store_used_bytes", "Bytes of committed NARs in the store")
+STORE_BYTES = Gauge(f"{P}_store_used_bytes", "Bytes the store counts against its budget: NAR "
+                    "files, the index, temporary files, narinfos and listings")
 STORE_BUDGET = Gauge(f"{P}_store_budget_bytes", "Size budget of the store")
 STORE_ENTRIES = Gauge(f"{P}_store_entries", "Committed entries in the store", ["kind"])
 STORE_PINNED = Gauge(f"{P}_store_pinned_bytes", "Bytes of NARs held by pins")
@@ -82,6 +83,11 @@ GC_DURATION = Histogram(f"{P}_gc_duration_seconds", "Duration of an eviction pas
                         buckets=GC_LATENCY)
 RECOMPRESSIONS = Counter(f"{P}_recompressions_total",
                          "NARs re-encoded to zstd for faster unpacking, by outcome", ["outcome"])
+INDEX_REBUILDS = Counter(f"{P}_index_rebuilds_total",
+                         "Corrupt indexes moved aside and rebuilt from the store's files")
+NAR_REFETCHES = Counter(f"{P}_nar_refetches_total",
+                        "NARs a client asked for that were gone from the store (evicted, lost, "
+                        "or never stored on a full disk), streamed again from their source")
 SCRUBBED_BYTES = Counter(f"{P}_scrubbed_bytes_total", "Bytes re-hashed by the background scrub")
 
 # --- prefetch --------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ def routes(store: Store, sources: list[Source]) -> list[web.RouteDef]:
         ready = True
         try:
             store.counts()
-            checks["index"] = "ok"
+            # Read-only: a full disk left no room to open it; hits are still served.
+            checks["index"] = "read_only" if store.read_only else "ok"
         except Exception as e:  # the index is unusable: nothing can be served
             checks["index"] = f"error: {e}"
             ready = False
