@@ -105,7 +105,8 @@ def compare(name: str, pairs: int, agent_pid: int, nginx_pid: int,
     for _ in range(pairs):
         agent.append(measure(agent_pid, agent_load))
         nginx.append(measure(nginx_pid, nginx_load))
-    ratios = sorted(a.cpu_us / n.cpu_us for a, n in zip(agent, nginx, strict=True))
+    # A run shorter than a clock tick (10 ms) of a server's CPU has no ratio.
+    ratios = sorted(a.cpu_us / n.cpu_us for a, n in zip(agent, nginx, strict=True) if n.cpu_us)
     rates = sorted(a.rate / n.rate for a, n in zip(agent, nginx, strict=True))
     out = {
         "scenario": name,
@@ -117,8 +118,8 @@ def compare(name: str, pairs: int, agent_pid: int, nginx_pid: int,
         "nginx_cpu_us": round(statistics.median(s.cpu_us for s in nginx), 1),
         "nginx_cpu_us_range": [round(min(s.cpu_us for s in nginx), 1),
                                round(max(s.cpu_us for s in nginx), 1)],
-        "cpu_ratio": round(statistics.median(ratios), 2),
-        "cpu_ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)],
+        "cpu_ratio": round(statistics.median(ratios), 2) if ratios else None,
+        "cpu_ratio_range": [round(ratios[0], 2), round(ratios[-1], 2)] if ratios else None,
         "agent_rate": round(statistics.median(s.rate for s in agent)),
         "nginx_rate": round(statistics.median(s.rate for s in nginx)),
         "rate_ratio": round(statistics.median(rates), 2),
