@@ -10,6 +10,8 @@ wall-clock rates are noise; the rates are printed beside it.
   narinfo  one keep-alive connection, GET <hash>.narinfo of every path in turn (a Nix client's
            query loop), over TCP and the Unix socket
   nar      every NAR of the ml closure over 16 keep-alive connections, TCP and Unix
+  copy     a real `nix copy` of the ml closure into a fresh root (a warm node's cold start),
+           over TCP; charged per store path (a narinfo and a NAR each)
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from loadtest import scenarios as sc
 from loadtest.baselines import Nginx
 from loadtest.http import Conn, Target
 from tests.support.agent import AgentProcess
-from tests.support.nixenv import hash_part
+from tests.support.nixenv import hash_part, nix_copy
 from tests.support.upstream import UpstreamServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +101,21 @@ def nar_load(target: Target, files: list[str], passes: int,
     return run
 
 
+def copy_load(url: str, root: str, paths: int, keys: list[str],
+              scratch: Path) -> Callable[[], tuple[int, int]]:
+    def run() -> tuple[int, int]:
+        scratch.mkdir(parents=True, exist_ok=True)
+        dest = Path(tempfile.mkdtemp(prefix="node-", dir=scratch))
+        try:
+            r = nix_copy(url, dest, [root], keys, timeout=1800)
+            if r.returncode != 0:
+                raise RuntimeError(f"nix copy from {url} failed: {r.stderr[-2000:]}")
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        return paths, 0
+    return run
+
+
 def compare(name: str, pairs: int, agent_pid: int, nginx_pid: int,
             agent_load: Callable[[], tuple[int, int]],
             nginx_load: Callable[[], tuple[int, int]]) -> dict[str, object]:
@@ -140,7 +159,7 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--size", choices=sorted(closures.PROFILES), default="medium")
     a("--workdir", type=Path, help="default var/loadtest/<size> (shared with python -m loadtest)")
-    a("--scenario", choices=("narinfo", "nar", "all"), default="all")
+    a("--scenario", choices=("narinfo", "nar", "copy", "all"), default="all")
     a("--transport", choices=("tcp", "unix", "all"), default="all")
     a("--pairs", type=int, default=3, help="interleaved agent/nginx pairs (default 3)")
     a("--requests", type=int, default=20_000, help="narinfo requests per run (default 20000)")
@@ -192,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"nar {transport} x{args.connections}", args.pairs, apid, npid,
                         nar_load(mine, nar_urls, args.nar_passes, args.connections),
                         nar_load(theirs, nar_urls, args.nar_passes, args.connections)))
+            if args.scenario in ("copy", "all") and args.transport in ("all", "tcp"):
+                mine, theirs = targets["tcp"]
+                scratch = workdir / "tmp" / "hotpath-copies"
+                results.append(compare(
+                    "nix copy ml", args.pairs, apid, npid,
+                    copy_load(f"http://127.0.0.1:{mine.port}", envs.ml.roots[0],
+                              len(envs.ml.paths), [caches.public_key], scratch),
+                    copy_load(f"http://127.0.0.1:{theirs.port}", envs.ml.roots[0],
+                              len(envs.ml.paths), [caches.public_key], scratch)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"size": args.size, "results": results}, indent=2))
