@@ -83,6 +83,12 @@ GC_DURATION = Histogram(f"{P}_gc_duration_seconds", "Duration of an eviction pas
 RECOMPRESSIONS = Counter(f"{P}_recompressions_total",
                          "NARs re-encoded to zstd for faster unpacking, by outcome", ["outcome"])
 SCRUBBED_BYTES = Counter(f"{P}_scrubbed_bytes_total", "Bytes re-hashed by the background scrub")
+DIRECT_READS = Counter(f"{P}_direct_reads_total",
+                       "Committed files the node's Nix opened straight from the store directory "
+                       "(a file:// substituter), not through the agent, by kind (narinfo, nar)",
+                       ["kind"])
+DIRECT_READ_BYTES = Counter(f"{P}_direct_read_bytes_total",
+                            "Bytes of the NAR files opened straight from the store directory")
 
 # --- prefetch --------------------------------------------------------------------------------
 PREWARM_JOBS = Counter(f"{P}_prewarm_jobs_total", "Finished prewarm jobs by outcome",
@@ -137,6 +143,8 @@ def initialise() -> None:
             LOOKUPS.labels(kind, source)
     for source in ("local", "upstream"):
         SERVED_BYTES.labels(source)
+    for kind in ("narinfo", "nar"):
+        DIRECT_READS.labels(kind)
     for outcome in ("succeeded", "failed"):
         PREWARM_JOBS.labels(outcome)
     for reason in ("signature", "malformed", "file_size", "file_hash", "nar_size", "nar_hash",

@@ -19,6 +19,7 @@ from agent import metrics
 from agent.nix.compression import decoder
 from agent.nix.hashes import Hash
 from agent.nix.verify import NarVerifier, VerificationError
+from agent.store import access
 from agent.store.index import NarRow
 from agent.store.layout import nar_file_name
 from agent.store.store import Store
@@ -83,7 +84,7 @@ class Recompressor:
     def _encode(self, source: os.PathLike, compression: str, fd: int) -> tuple[Hash, int]:
         dec = decoder(compression)
         digest = hashlib.sha256()
-        with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+        with access.open_binary(source) as src, os.fdopen(fd, "wb") as out:
             hashing = _HashingWriter(out, digest)
             sink = hashing if self.target == "none" else \
                 zstandard.ZstdCompressor(level=self.level).stream_writer(hashing, closefd=False)
