@@ -49,6 +49,7 @@ _READ_SIZE = 64 << 10
 _NARINFO = re.compile(f"([{ALPHABET}]{{32}})\\.narinfo")
 # An announced own open whose event never came (a lost event queue) is forgotten after this.
 OWN_OPEN_TTL = 30.0
+PENDING_NAMES = 4096
 
 
 class OwnOpens:
@@ -63,8 +64,12 @@ class OwnOpens:
         if not self.watchers:
             return None
         name = os.path.basename(path)
+        now = time.monotonic()
         with self._lock:
-            self._pending.setdefault(name, []).append(time.monotonic())
+            if len(self._pending) >= PENDING_NAMES:  # events lost (queue overflow): forget
+                self._pending = {n: ts for n, ts in self._pending.items()
+                                 if ts[-1] > now - OWN_OPEN_TTL}
+            self._pending.setdefault(name, []).append(now)
         return name
 
     def withdraw(self, name: str | None) -> None:
