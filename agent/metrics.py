@@ -89,6 +89,9 @@ DIRECT_READS = Counter(f"{P}_direct_reads_total",
                        ["kind"])
 DIRECT_READ_BYTES = Counter(f"{P}_direct_read_bytes_total",
                             "Bytes of the NAR files opened straight from the store directory")
+DIRECT_READS_TRACKED = Gauge(f"{P}_direct_reads_tracked",
+                             "1 while the store directory is watched for direct reads (0: "
+                             "inotify unavailable, such reads are neither counted nor kept)")
 
 # --- prefetch --------------------------------------------------------------------------------
 PREWARM_JOBS = Counter(f"{P}_prewarm_jobs_total", "Finished prewarm jobs by outcome",

@@ -179,6 +179,7 @@ class DirectReads:
         asyncio.get_running_loop().add_reader(inotify.fd, self._on_readable)
         self._inotify = inotify
         OWN_OPENS.watchers += 1
+        metrics.DIRECT_READS_TRACKED.set(1)
         return True
 
     def close(self) -> None:
@@ -188,8 +189,10 @@ class DirectReads:
         self._inotify.close()
         self._inotify = None
         OWN_OPENS.watchers -= 1
+        metrics.DIRECT_READS_TRACKED.set(0)
 
     def _unavailable(self, error: OSError) -> bool:
+        metrics.DIRECT_READS_TRACKED.set(0)
         hint = " (raise fs.inotify.max_user_watches / max_user_instances)" \
             if error.errno in (errno.ENOSPC, errno.EMFILE) else ""
         log.warning("direct reads of the store are not tracked: eviction may remove a file "

@@ -69,6 +69,7 @@ def test_a_pod_start_from_the_store_is_counted_and_moves_access_times(
         with urllib.request.urlopen(f"{agent.url}/{small[0]}", timeout=10) as r:
             assert r.status == 200 and r.read()
         nar_lookups = agent.metric("flox_node_cache_lookups_total", kind="nar")
+        assert agent.metric("flox_node_cache_direct_reads_tracked") == 1
         assert agent.metric("flox_node_cache_direct_reads_total", kind="nar") == 0
         narinfo_reads = agent.metric("flox_node_cache_direct_reads_total", kind="narinfo")
 

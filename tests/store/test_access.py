@@ -111,5 +111,6 @@ async def test_a_store_that_cannot_be_watched_is_logged_and_not_tracked(
     with caplog.at_level(logging.WARNING, logger="agent.store.access"):
         assert reads.start() is False
     assert "direct reads of the store are not tracked" in caplog.text
+    assert REGISTRY.get_sample_value("flox_node_cache_direct_reads_tracked") == 0
     assert reads.recently_opened() == set()
     reads.close()
