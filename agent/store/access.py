@@ -213,7 +213,11 @@ class DirectReads:
             if mask & IN_Q_OVERFLOW:
                 log.warning("inotify queue overflowed: some direct reads were not counted")
             elif mask & IN_OPEN and not mask & IN_ISDIR and name:
-                self._opened(self._dirs.get(wd), name)
+                try:
+                    self._opened(self._dirs.get(wd), name)
+                except Exception as e:  # the index unusable: the store's health says so
+                    log.warning("direct read not recorded", extra={"fields": {
+                        "file": name, "error": str(e)}})
 
     def _opened(self, directory: str | None, name: str) -> None:
         if directory == "nar/":
