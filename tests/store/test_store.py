@@ -8,6 +8,7 @@ from agent.nix.hashes import Hash
 from agent.nix.narinfo import NarInfo
 from agent.nix.narinfo import parse as parse_narinfo
 from agent.nix.storepath import StorePath
+from agent.store.index import NarInfoRow
 from agent.store.store import Store
 
 
@@ -18,16 +19,26 @@ def _info(hash_char: str, nar: bytes) -> NarInfo:
                    nar_hash=Hash("sha256", hashlib.sha256(nar).digest()), nar_size=len(nar))
 
 
-def test_a_second_narinfo_for_a_committed_nar_gets_its_real_file_fields(tmp_path: Path) -> None:
-    nar = b"nix-archive-1 pretend" * 100
-    packed = lzma.compress(nar)
-    store = Store(tmp_path / "store")
-    first = store.remember(_info("a", nar), "http://up/")
+NAR = b"nix-archive-1 pretend" * 100
+PACKED = lzma.compress(NAR)
+
+
+def _fetched(store: Store, hash_char: str, listing: bytes | None = None) -> NarInfoRow:
+    """The narinfo of a path whose (xz) NAR was fetched and committed, as a Transfer does."""
+    row = store.remember(_info(hash_char, NAR), "http://up/")
     fd, tmp = store.new_temp()
     with open(fd, "wb") as f:
-        f.write(packed)
+        f.write(PACKED)
+    store.commit_nar(tmp, row.nar_file, Hash("sha256", hashlib.sha256(PACKED).digest()),
+                     len(PACKED), listing=listing)
+    return row
+
+
+def test_a_second_narinfo_for_a_committed_nar_gets_its_real_file_fields(tmp_path: Path) -> None:
+    nar, packed = NAR, PACKED
+    store = Store(tmp_path / "store")
+    first = _fetched(store, "a")
     file_hash = Hash("sha256", hashlib.sha256(packed).digest())
-    store.commit_nar(tmp, first.nar_file, file_hash, len(packed))
 
     second = parse_narinfo(store.remember(_info("b", nar), "http://up/").text)
     assert second.url == first.nar_file  # one copy
@@ -37,15 +48,8 @@ def test_a_second_narinfo_for_a_committed_nar_gets_its_real_file_fields(tmp_path
 
 
 def test_a_listing_lives_as_long_as_some_encoding_of_its_nar(tmp_path: Path) -> None:
-    nar = b"nix-archive-1 pretend" * 100
-    packed = lzma.compress(nar)
     store = Store(tmp_path / "store")
-    row = store.remember(_info("c", nar), "http://up/")
-    fd, tmp = store.new_temp()
-    with open(fd, "wb") as f:
-        f.write(packed)
-    store.commit_nar(tmp, row.nar_file, Hash("sha256", hashlib.sha256(packed).digest()),
-                     len(packed), listing=b'{"version":1,"root":{"type":"regular"}}')
+    row = _fetched(store, "c", listing=b'{"version":1,"root":{"type":"regular"}}')
     assert store.read_listing("c" * 32) == b'{"version":1,"root":{"type":"regular"}}'
     store.remove_nar(row.nar_file)
     assert store.read_listing("c" * 32) is None
