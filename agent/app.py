@@ -25,6 +25,7 @@ from aiohttp import web
 from agent import __version__, metrics
 from agent.config import Config
 from agent.logs import request_id
+from agent.peers.listener import peer_app
 from agent.runtime import Agent
 from agent.serve import admin, cache, health
 
@@ -175,11 +176,18 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         await start(cache_app(agent, "tcp", with_admin=False), lambda r: web.TCPSite(r, host, port))
         mhost, mport = config.metrics_addr
         await start(metrics_app(agent), lambda r: web.TCPSite(r, mhost, mport))
+        if agent.peers and config.peer_addr:
+            phost, pport = config.peer_addr
+            await start(peer_app(cache.routes(agent), agent.peers.token,
+                                 resolve=agent.fetcher.lookup, has_narinfo=agent.has_narinfo,
+                                 middlewares=[observe("peer")]),
+                        lambda r: web.TCPSite(r, phost, pport))
         tasks += [asyncio.create_task(t) for t in agent.background()]
         tasks.append(asyncio.create_task(_periodic(5, agent.store.index.flush_access, "access")))
         log.info("agent ready", extra={"fields": {
             "store": str(config.store), "socket": str(config.socket), "listen": config.listen,
-            "metrics": config.metrics_listen, "upstreams": list(config.upstreams)}})
+            "metrics": config.metrics_listen, "upstreams": list(config.upstreams),
+            "peer_listen": config.peer_listen}})
         if ready:
             ready()
         await stop.wait()

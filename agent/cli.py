@@ -82,6 +82,19 @@ def _run_options(p: argparse.ArgumentParser) -> None:
       help="watch the Kubernetes API: auto = when in a cluster or --kubeconfig is given")
     a("--kubeconfig", type=Path, metavar="FILE", help="kubeconfig (default in-cluster)")
     a("--node-name", metavar="NAME", help="this node's name (default $NODE_NAME)")
+    a("--peer", dest="peers", action="append", metavar="URL",
+      help="another node's agent (its --peer-listen as http://HOST:PORT), repeatable")
+    a("--peer-listen", metavar="HOST:PORT", help="listener for other nodes' agents, the "
+      "address peers reach this node at (default off)")
+    a("--peer-token-file", type=Path, metavar="FILE",
+      help="cluster-shared secret peers authenticate with (required with peers)")
+    a("--peer-service", metavar="NAME", help="headless Service whose ready endpoints are the "
+      "peers (EndpointSlices, watched; needs the Kubernetes API)")
+    a("--peer-namespace", metavar="NS", help="namespace of --peer-service (default "
+      "$POD_NAMESPACE, else the service account's)")
+    a("--peer-timeout", type=float, metavar="SECONDS",
+      help="connect timeout to a peer; a failing peer is skipped for --circuit-cooldown "
+      "(default 1)")
     a("--log-format", choices=("text", "json"), help="default text")
     a("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
 

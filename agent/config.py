@@ -58,6 +58,12 @@ class Config:
     kubernetes: str = "auto"
     kubeconfig: Path | None = None
     node_name: str | None = None
+    peers: tuple[str, ...] = ()
+    peer_listen: str | None = None
+    peer_token_file: Path | None = None
+    peer_service: str | None = None
+    peer_namespace: str | None = None
+    peer_timeout: float = 1.0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -72,6 +78,15 @@ class Config:
     @property
     def metrics_addr(self) -> tuple[str, int]:
         return parse_hostport(self.metrics_listen, "metrics-listen")
+
+    @property
+    def peer_addr(self) -> tuple[str, int] | None:
+        return parse_hostport(self.peer_listen, "peer-listen") if self.peer_listen else None
+
+    @property
+    def peers_enabled(self) -> bool:
+        """Whether this agent asks peers (static ones, or discovered through its Service)."""
+        return bool(self.peers or self.peer_service)
 
     def budget_bytes(self, filesystem_bytes: int) -> int:
         return parse_budget(self.store_budget, filesystem_bytes)
@@ -105,9 +120,32 @@ class Config:
         if self.kubernetes == "on" and not self.node_name:
             raise ConfigError("Kubernetes is on but the node name is unknown: set NODE_NAME "
                               "(downward API) or --node-name")
+        self._validate_peers()
         if self.require_signatures and not keys:
             raise ConfigError("signatures are required but no --trusted-public-key is set")
         return replace(self, public_keys=keys, signing_key=secret)
+
+
+    def _validate_peers(self) -> None:
+        self.peer_addr  # noqa: B018 - raises on a bad address
+        for url in self.peers:
+            if not re.fullmatch(r"https?://[^/\s]+/?", url):
+                raise ConfigError(f"peer {url!r} is not an http(s)://HOST:PORT URL")
+        if self.peer_timeout <= 0:
+            raise ConfigError("peer-timeout must be positive")
+        if not (self.peers_enabled or self.peer_listen):
+            return
+        if self.peer_token_file is None:
+            raise ConfigError("peers need the cluster-shared secret: set --peer-token-file")
+        from agent.peers.protocol import PeerToken, PeerTokenError
+
+        try:
+            PeerToken(self.peer_token_file).value()
+        except PeerTokenError as e:
+            raise ConfigError(str(e)) from None
+        if self.peer_service and self.kubernetes == "off":
+            raise ConfigError("peer-service discovers peers through the Kubernetes API, "
+                              "which --kubernetes off turns off")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

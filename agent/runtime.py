@@ -13,6 +13,7 @@ from agent import metrics
 from agent.config import Config, parse_size
 from agent.flox.floxhub import FloxHub, ResolvedEnv
 from agent.flox.watch import GenerationWatch
+from agent.peers.tier import PeerTier
 from agent.prefetch import Prefetcher, Target
 from agent.store.gc import collect
 from agent.store.recompress import Recompressor
@@ -60,6 +61,7 @@ class Agent:
     prefetcher: Prefetcher
     floxhub: FloxHub
     watch: GenerationWatch
+    peers: PeerTier | None = None
     serving: Counter[str] = field(default_factory=Counter)  # NAR files being sent right now
     jobs: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
 
@@ -71,7 +73,10 @@ class Agent:
                             narinfo=config.upstream_narinfo_timeout)
         upstreams = [Upstream(url, timeouts, config.circuit_failures, config.circuit_cooldown)
                      for url in config.upstreams]
-        fetcher = Fetcher(store, upstreams, list(config.public_keys),
+        peers = PeerTier.build(config, upstreams)
+        # Peers are asked before the upstreams (a peer's answer is verified the same way).
+        sources = [peers.source, *upstreams] if peers else upstreams
+        fetcher = Fetcher(store, sources, list(config.public_keys),
                           require_signatures=config.require_signatures,
                           signing_key=config.signing_key, negative_ttl=config.negative_ttl)
         floxhub = FloxHub(config.floxhub_git_url, store.layout.floxhub,
@@ -80,6 +85,7 @@ class Agent:
                                 concurrency=config.prefetch_concurrency)
         agent = cls(config, store, upstreams, fetcher, Savings(upstreams), prefetcher, floxhub,
                     GenerationWatch(floxhub, config.generation_watch_interval, lambda _: None))
+        agent.peers = peers
         agent.watch.on_change = agent._new_generation
         prefetcher.on_resolved.append(agent._track_environment)
         agent.jobs += [agent.watch.run, agent._gc_loop]
@@ -93,6 +99,8 @@ class Agent:
             agent.jobs.append(agent._scrub_loop)
         if kubernetes_enabled(config):
             agent.jobs.append(agent._kubernetes)
+        if peers:
+            agent.jobs += peers.jobs(kubernetes_enabled(config))
         return agent
 
     async def _kubernetes(self) -> None:
@@ -136,6 +144,11 @@ class Agent:
         env = next((e for e in self.store.index.environments() if e.ref == ref), None)
         return env.closure[:1] if env else ()
 
+    def has_narinfo(self, hash_part: str) -> bool:
+        """Whether the store holds this narinfo and its NAR (no fetch)."""
+        row = self.store.narinfo(hash_part)
+        return row is not None and row.committed
+
     # --- the size budget -------------------------------------------------------------------
 
     def budget(self) -> int:
@@ -175,6 +188,7 @@ class Agent:
             "pins": index.pin_holders(), "disk_full": self.store.disk_full,
             "upstreams": {u.name: "circuit_open" if u.breaker.is_open else "ok"
                           for u in self.upstreams},
+            "peers": self.peers.status() if self.peers else {},
             "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
         }
 
@@ -185,11 +199,15 @@ class Agent:
     async def start(self) -> None:
         for up in self.upstreams:
             await up.start()
+        if self.peers:
+            await self.peers.source.start()
         metrics.STORE_BUDGET.set(self.budget())
         self.prefetcher.resume()
 
     async def stop(self) -> None:
         await self.fetcher.close()
+        if self.peers:
+            await self.peers.source.close()
         for up in self.upstreams:
             await up.close()
         self.store.close()

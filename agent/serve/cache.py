@@ -22,7 +22,8 @@ NARINFO_HEADERS = {"Content-Type": NARINFO_TYPE}
 # Resolved once: label lookups cost more than the rest of a narinfo hit.
 LOOKUP_COUNTERS = {(kind, source): metrics.LOOKUPS.labels(kind, source)
                    for kind in ("narinfo", "nar")
-                   for source in ("local", "upstream", "coalesced", "not_found", "error")}
+                   for source in ("local", "upstream", "peer", "coalesced", "not_found",
+                                  "error")}
 
 
 def routes(agent: Agent) -> list[web.RouteDef]:
@@ -61,7 +62,7 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         except UpstreamUnavailable as e:
             LOOKUP_COUNTERS["nar", "error"].inc()
             return _unavailable(str(e))
-        LOOKUP_COUNTERS["nar", "coalesced" if joined else "upstream"].inc()
+        LOOKUP_COUNTERS["nar", "coalesced" if joined else transfer.upstream.kind].inc()
         return await _stream_nar(agent, request, transfer, joined, row.file_size)
 
     return [
@@ -126,7 +127,7 @@ async def _stream_nar(agent: Agent, request: web.Request, transfer: Transfer, jo
     finally:
         if joined:
             metrics.COALESCED_WAITERS.dec()
-        metrics.SERVED_BYTES.labels("upstream").inc(sent)
+        metrics.SERVED_BYTES.labels(transfer.upstream.kind).inc(sent)
         if joined:
             agent.savings.avoided(sent)
     await resp.write_eof()

@@ -25,6 +25,8 @@ def routes(agent: Agent) -> list[web.RouteDef]:
         checks["free_bytes"] = agent.store.free_bytes()
         checks["upstreams"] = {u.name: "circuit_open" if u.breaker.is_open else "ok"
                                for u in agent.upstreams}
+        if agent.peers:
+            checks["peers"] = agent.peers.status()
         body = {"ready": ready, "degraded": agent.store.disk_full or any(
             u.breaker.is_open for u in agent.upstreams), "checks": checks, "time": time.time()}
         return web.Response(status=200 if ready else 503, text=json.dumps(body) + "\n",

@@ -46,7 +46,7 @@ class StoreFull(Exception):
 @dataclass(frozen=True)
 class Lookup:
     row: NarInfoRow | None
-    source: str  # local | upstream | coalesced | not_found
+    source: str  # local | upstream | peer | coalesced | not_found
 
 
 class Fetcher:
@@ -60,7 +60,7 @@ class Fetcher:
         self.signing_key = signing_key
         self.negative_ttl = negative_ttl
         self._negative: dict[str, float] = {}
-        self._narinfo_inflight: dict[str, asyncio.Future[NarInfoRow | None]] = {}
+        self._narinfo_inflight: dict[str, asyncio.Future[tuple[NarInfoRow | None, str]]] = {}
         self.transfers: dict[str, Transfer] = {}
         # Called (on the event loop) with each NAR file committed; re-encoding listens.
         self.on_commit: list[Callable[[str], None]] = []
@@ -78,16 +78,17 @@ class Fetcher:
         if inflight:
             metrics.COALESCED_WAITERS.inc()
             try:
-                return Lookup(await asyncio.shield(inflight), "coalesced")
+                return Lookup((await asyncio.shield(inflight))[0], "coalesced")
             finally:
                 metrics.COALESCED_WAITERS.dec()
         task = asyncio.ensure_future(self._fetch_narinfo(hash_part))
         self._narinfo_inflight[hash_part] = task
         task.add_done_callback(lambda _: self._narinfo_inflight.pop(hash_part, None))
-        row = await asyncio.shield(task)
-        return Lookup(row, "upstream" if row else "not_found")
+        row, kind = await asyncio.shield(task)
+        return Lookup(row, kind if row else "not_found")
 
-    async def _fetch_narinfo(self, hash_part: str) -> NarInfoRow | None:
+    async def _fetch_narinfo(self, hash_part: str) -> tuple[NarInfoRow | None, str]:
+        """The narinfo from the first source that has it, and that source's kind."""
         errors: list[UpstreamError] = []
         for up in self.upstreams:
             try:
@@ -102,14 +103,14 @@ class Fetcher:
                 log.info("narinfo fetched", extra={"fields": {
                     "upstream": up.name, "store_path": info.store_path.path(),
                     "nar_size": info.nar_size}})
-                return self.store.remember(info, up.url)
+                return self.store.remember(info, up.url), up.kind
         if errors:
             raise UpstreamUnavailable("; ".join(str(e) for e in errors))
         self._negative[hash_part] = time.monotonic() + self.negative_ttl
         if len(self._negative) > 100_000:
             now = time.monotonic()
             self._negative = {h: t for h, t in self._negative.items() if t > now}
-        return None
+        return None, "not_found"
 
     def _accept(self, up: Upstream, hash_part: str, text: str) -> NarInfo | None:
         """Parse and check an upstream narinfo; None (counted, logged) when it is not usable."""
@@ -163,6 +164,7 @@ class Fetcher:
 
 def _rejected(reason: str, up: Upstream, hash_part: str, message: str) -> None:
     metrics.VERIFY_FAILURES.labels(reason).inc()
+    up.rejected(f"{hash_part}.narinfo", reason)
     log.warning("upstream narinfo rejected", extra={"fields": {
         "upstream": up.name, "hash": hash_part, "reason": reason, "error": message}})
     return None
@@ -220,6 +222,7 @@ class Transfer:
         except VerificationError as e:
             self.error = e
             metrics.VERIFY_FAILURES.labels(e.reason).inc()
+            self.upstream.rejected(self.nar.upstream_url or "", e.reason)
             self.fetcher.store.discard_pending(self.nar.file)
             log.warning("nar rejected", extra={"fields": {
                 "upstream": self.upstream.name, "file": self.nar.file, "reason": e.reason,
@@ -315,6 +318,7 @@ async def passthrough(upstream: Upstream, nar: NarRow, skip: int = 0) -> AsyncIt
         await loop.run_in_executor(IO_POOL, verifier.finish)
     except VerificationError as e:
         metrics.VERIFY_FAILURES.labels(e.reason).inc()
+        upstream.rejected(nar.upstream_url or "", e.reason)
         raise
     if pos + len(held) > skip:
         yield held[max(0, skip - pos):]

@@ -1,0 +1,96 @@
+"""The peer listener: the Nix binary cache protocol for other agents, behind the shared token.
+
+Every request here comes from a peer, so it is answered from this agent's store and its own
+upstreams only (`forwarded` is set for the handler and the fetches it starts): a request is
+forwarded at most one hop. A narinfo this agent's upstreams do not have is a 404 marked as
+such, which the asking agent may take as an answer; an upstream error stays a 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from agent import metrics
+from agent.nix.storepath import is_hash_part
+from agent.peers.protocol import (
+    LOCAL_ONLY_HEADER,
+    NARINFO_HEADER,
+    NOT_FOUND_HEADER,
+    PeerToken,
+    PeerTokenError,
+    forwarded,
+)
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Resolve = Callable[[str], Awaitable[object]]
+HasNarinfo = Callable[[str], bool]
+
+
+def authenticate(token: PeerToken) -> Callable:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            ok = token.accepts(request.headers.get("Authorization"))
+        except PeerTokenError as e:
+            log.error("peer token unreadable: refusing peers", extra={"fields": {"error": str(e)}})
+            ok = False
+        if not ok:
+            metrics.PEER_UNAUTHORIZED.inc()
+            raise web.HTTPUnauthorized(text="peer token required\n",
+                                       headers={"WWW-Authenticate": 'Bearer realm="peers"'})
+        return await handler(request)
+    return middleware
+
+
+def one_hop(resolve: Resolve | None, has_narinfo: HasNarinfo | None) -> Callable:
+    """Mark the request as forwarded; look up a hinted narinfo before a NAR; answer a
+    store-only question; mark 404s as answers."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = forwarded.set(True)
+        try:
+            is_narinfo = request.path.endswith(".narinfo")
+            asked = request.path[1:-len(".narinfo")] if is_narinfo else ""
+            if request.headers.get(LOCAL_ONLY_HEADER) and has_narinfo is not None \
+                    and is_hash_part(asked) and not has_narinfo(asked):
+                return web.Response(status=404, text="not in this node's store\n",
+                                    headers={NOT_FOUND_HEADER: "local"})
+            hint = request.headers.get(NARINFO_HEADER, "")
+            if resolve is not None and request.path.startswith("/nar/") and is_hash_part(hint):
+                try:
+                    await resolve(hint)
+                except Exception as e:  # the NAR request answers for itself (404 or 503)
+                    log.info("hinted narinfo lookup failed", extra={"fields": {
+                        "hash": hint, "error": str(e)}})
+            try:
+                resp = await handler(request)
+            except web.HTTPNotFound as e:
+                if is_narinfo:
+                    e.headers[NOT_FOUND_HEADER] = "upstreams"
+                raise
+            if resp.status == 404 and is_narinfo and not resp.prepared:
+                resp.headers[NOT_FOUND_HEADER] = "upstreams"
+            if resp.status in (200, 206):
+                metrics.PEER_SERVED_BYTES.inc(resp.content_length or resp.body_length or 0)
+            return resp
+        finally:
+            forwarded.reset(token)
+    return middleware
+
+
+def peer_app(routes: Sequence[web.RouteDef], token: PeerToken, *,
+             resolve: Resolve | None = None, has_narinfo: HasNarinfo | None = None,
+             middlewares: Sequence[Callable] = ()) -> web.Application:
+    """An application serving `routes` (the cache protocol's) to peers. `resolve(hash)` looks
+    a narinfo up through the read-through path (for a NAR hinted by a peer);
+    `has_narinfo(hash)` says whether the store holds it with its NAR (a store-only question);
+    `middlewares` run first (request ids, metrics)."""
+    app = web.Application(middlewares=[*middlewares, authenticate(token),
+                                       one_hop(resolve, has_narinfo)])
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,262 @@
+"""PeerSource: the peer set as one read-through source, with the interface of an Upstream.
+
+`get_narinfo(hash)` asks the rendezvous owner of the hash, then the next peer; a key this
+agent owns itself is not asked of anyone (the caller goes to the upstreams). It never raises:
+None means "ask the upstreams" (every peer failed, or skipped, or the owner's own upstreams
+said not found), because the upstreams, not the peers, are the authority on what exists. The
+caller verifies whatever a peer sends exactly as an upstream answer and reports a refusal
+with `rejected()`, which opens that peer's circuit.
+
+`nar(url)` streams from the peer that served the narinfo naming `url`, then the next peer
+(told which narinfo to look up), then any upstream whose narinfo names the same file; a
+stream broken half-way resumes where it stopped (Range) from the next of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import aiohttp
+
+from agent import metrics
+from agent.nix.narinfo import NarInfoError
+from agent.nix.narinfo import parse as parse_narinfo
+from agent.peers.membership import Membership
+from agent.peers.protocol import (
+    HOP_HEADER,
+    LOCAL_ONLY_HEADER,
+    NARINFO_HEADER,
+    NOT_FOUND_HEADER,
+    NOT_FOUND_VALUES,
+    PeerToken,
+    PeerTokenError,
+    forwarded,
+)
+from agent.peers.rendezvous import ranked
+from agent.store.layout import nar_file_name
+from agent.upstream.client import (
+    SourceMetrics,
+    Timeouts,
+    Upstream,
+    UpstreamError,
+    new_session,
+)
+
+log = logging.getLogger(__name__)
+PEERS_URL = "peers:"   # what the store records as the source of a peer-served narinfo
+MAX_REMEMBERED = 100_000
+PEER_TRIES = 2         # the owner, then the next peer; then the upstreams
+CLOSE_GRACE = 60.0     # a departed peer's connections stay open for transfers in flight
+PEER_METRICS = SourceMetrics(metrics.PEER_REQUESTS, metrics.PEER_ERRORS, metrics.PEER_DURATION,
+                             metrics.PEER_BYTES, metrics.PEER_CIRCUIT_OPEN)
+
+
+class Peer(Upstream):
+    """One peer agent's listener: an Upstream with the token, the hop mark and a breaker that
+    opens at the first error (falling back to the upstreams is always correct)."""
+
+    kind = "peer"
+
+    def __init__(self, url: str, timeouts: Timeouts, cooldown: float, token: PeerToken) -> None:
+        super().__init__(url, timeouts, 1, cooldown, PEER_METRICS)
+        self.id = url  # as membership and rendezvous know it
+        self.token = token
+
+    def open(self) -> None:
+        """Create the connection pool (from membership callbacks, which are not async)."""
+        self._session = new_session(self.timeouts, limit=32)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": self.token.header(), HOP_HEADER: "1"}
+
+    def _absent(self, resp: aiohttp.ClientResponse) -> bool:
+        # Only the peer's own "not here" is an answer; any other 404 (a proxy, a wrong port)
+        # is an error.
+        return resp.status == 404 and resp.headers.get(NOT_FOUND_HEADER) in NOT_FOUND_VALUES
+
+
+class _AllOpen:
+    """The peer set's breaker as seen from outside: open when no peer can be asked."""
+
+    def __init__(self, source: PeerSource) -> None:
+        self.source = source
+
+    @property
+    def is_open(self) -> bool:
+        return all(p.breaker.is_open for p in self.source.peers.values())
+
+
+class PeerSource:
+    kind = "peer"
+    url = PEERS_URL
+    name = "peers"
+    throughput = 0.0  # savings are estimated from the upstreams' throughput
+
+    def __init__(self, membership: Membership, timeouts: Timeouts, cooldown: float,
+                 token: PeerToken, upstreams: Sequence[Upstream]) -> None:
+        self.membership = membership
+        self.timeouts, self.cooldown, self.token = timeouts, cooldown, token
+        self.upstreams = upstreams
+        self.peers: dict[str, Peer] = {}
+        self.breaker = _AllOpen(self)
+        # narinfo and NAR URLs -> (the peer that served them, the narinfo's hash part)
+        self._served: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._streamed_by: OrderedDict[str, set[str]] = OrderedDict()  # NAR URL -> senders
+        self._started = False
+        membership.on_change.append(self._update)
+
+    # --- lifetime and membership -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._started = True
+        self._update(self.membership.live())
+
+    async def close(self) -> None:
+        self._started = False
+        for peer in self.peers.values():
+            await peer.close()
+        self.peers.clear()
+
+    def _update(self, live: list[str]) -> None:
+        if not self._started:
+            return
+        for url in set(live) - self.peers.keys():
+            self.peers[url] = Peer(url, self.timeouts, self.cooldown, self.token)
+            self.peers[url].open()
+        for url in self.peers.keys() - set(live):
+            self._retire(self.peers.pop(url))
+
+    def _retire(self, peer: Peer) -> None:
+        with contextlib.suppress(KeyError):
+            metrics.PEER_CIRCUIT_OPEN.remove(peer.name)
+        loop = asyncio.get_running_loop()
+        loop.call_later(CLOSE_GRACE, lambda: loop.create_task(peer.close()))
+
+    def status(self) -> dict[str, str]:
+        return {p.id: "circuit_open" if p.breaker.is_open else "ok" for p in self.peers.values()}
+
+    def order(self, key: str) -> tuple[list[Peer], bool]:
+        """The peers to ask for `key` and whether to ask them for their store only. Normally
+        the peers ranked above this agent (the owner first). When this agent owns the key,
+        the next peer, which owned it before this agent joined, for what it holds."""
+        me = self.membership.self_id
+        ids = ranked([*self.peers, *([me] if me else [])], key)
+        if me and ids[0] == me:
+            return [self.peers[p] for p in ids[1:2]], True
+        return [self.peers[p] for p in ids[:ids.index(me) if me else len(ids)]], False
+
+    # --- narinfo ---------------------------------------------------------------------------
+
+    async def get_narinfo(self, hash_part: str) -> str | None:
+        if forwarded.get():
+            return None  # a peer asked us: at most one hop
+        peers, local_only = self.order(hash_part)
+        headers = {LOCAL_ONLY_HEADER: "1"} if local_only else {}
+        for peer in peers[:PEER_TRIES]:
+            try:
+                text = await peer.get_narinfo(hash_part, headers)
+            except (UpstreamError, PeerTokenError) as e:
+                log.info("peer narinfo failed", extra={"fields": {
+                    "peer": peer.name, "hash": hash_part, "error": str(e)}})
+                continue
+            if text is None:
+                return None
+            self._remember(f"{hash_part}.narinfo", peer, hash_part)
+            if (url := _nar_url(text)) is not None:
+                self._remember(url, peer, hash_part)
+            return text
+        return None
+
+    def _remember(self, url: str, peer: Peer, hash_part: str) -> None:
+        _bounded_put(self._served, url, (peer.id, hash_part))
+
+    # --- NAR -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def nar(self, url: str, offset: int = 0,
+                  headers: dict[str, str] | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
+        yield self._chunks(url, offset)
+
+    async def _chunks(self, url: str, offset: int) -> AsyncIterator[bytes]:
+        pos = offset
+        errors: list[str] = []
+        self._streamed_by.pop(url, None)
+        async for source, source_url, hint in self._nar_sources(url):
+            try:
+                async with source.nar(source_url, pos, hint) as chunks:
+                    if isinstance(source, Peer):
+                        _bounded_put(self._streamed_by, url,
+                                     self._streamed_by.get(url, set()) | {source.id})
+                    async for chunk in chunks:
+                        pos += len(chunk)
+                        yield chunk
+                return
+            except (UpstreamError, PeerTokenError) as e:
+                errors.append(str(e))
+                log.info("peer nar source failed", extra={"fields": {
+                    "source": source.name, "url": url, "offset": pos, "error": str(e)}})
+        raise UpstreamError(self.name, "unavailable",
+                            f"no peer or upstream could send {url}: " + "; ".join(errors))
+
+    async def _nar_sources(self, url: str) -> AsyncIterator[tuple[Upstream, str, dict[str, str]]]:
+        """Where `url` may be fetched, best first."""
+        served_by, hash_part = self._served.get(url, (None, None))
+        if not forwarded.get():
+            first = self.peers.get(served_by) if served_by else None
+            if first is not None:
+                yield first, url, {}
+            if hash_part:
+                others = [p for p in self.order(hash_part)[0] if p is not first]
+                for peer in others[:PEER_TRIES - (first is not None)]:
+                    yield peer, url, {NARINFO_HEADER: hash_part}
+        if hash_part:
+            for up in self.upstreams:
+                up_url = await _same_file_at(up, hash_part, url)
+                if up_url:
+                    yield up, up_url, {}
+
+    def rejected(self, url: str, reason: str) -> None:
+        """What peers sent for `url` failed verification: count it and open their circuits."""
+        served_by, _ = self._served.pop(url, (None, None))
+        culprits = self._streamed_by.pop(url, set()) | ({served_by} if served_by else set())
+        for peer_url in culprits:
+            peer = self.peers.get(peer_url)
+            if peer is None:
+                continue
+            peer.breaker.trip()
+            metrics.PEER_REJECTED.labels(peer.name, reason).inc()
+            log.warning("peer sent data that failed verification", extra={"fields": {
+                "peer": peer.name, "url": url, "reason": reason}})
+
+
+def _bounded_put(d: OrderedDict, key: str, value: object) -> None:
+    d[key] = value
+    d.move_to_end(key)
+    while len(d) > MAX_REMEMBERED:
+        d.popitem(last=False)
+
+
+def _nar_url(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith("URL: "):
+            return line[5:].strip()
+    return None
+
+
+async def _same_file_at(up: Upstream, hash_part: str, url: str) -> str | None:
+    """The URL of `url`'s file at upstream `up`, when its narinfo names the same file (same
+    FileHash and compression). The bytes are verified against our narinfo, so the upstream's
+    narinfo needs no signature check here."""
+    try:
+        text = await up.get_narinfo(hash_part)
+        info = parse_narinfo(text) if text else None
+    except (UpstreamError, NarInfoError):
+        return None
+    if info is None or info.file_hash is None or info.file_hash.algo != "sha256":
+        return None
+    return info.url if nar_file_name(info.file_hash, info.compression) == url else None
