@@ -318,6 +318,8 @@ AGENT_RULES = {
     ("nodecache.flox.dev", "environmentprewarms"): READ | {"patch"},
     ("nodecache.flox.dev", "environmentprewarms/status"): READ | {"patch"},
     ("", "events"): {"create", "patch"},
+    # Peer discovery (components/peers): the agent's own Service's EndpointSlices.
+    ("discovery.k8s.io", "endpointslices"): READ,
 }
 PREWARMER_RULES = {
     ("nodecache.flox.dev", "environmentprewarms"): READ | {"create", "update", "patch"},
