@@ -96,6 +96,9 @@ class PeerSource:
     url = PEERS_URL
     name = "peers"
     throughput = 0.0  # savings are estimated from the upstreams' throughput
+    # A peer's bytes reach no client before the whole NAR is verified: when a peer sends bad
+    # bytes the clients have received nothing, and their retry is served from another source.
+    stream_unverified = False
 
     def __init__(self, membership: Membership, timeouts: Timeouts, cooldown: float,
                  token: PeerToken, upstreams: Sequence[Upstream]) -> None:
@@ -220,9 +223,10 @@ class PeerSource:
                 if up_url:
                     yield up, up_url, {}
 
-    def rejected(self, url: str, reason: str) -> None:
-        """What peers sent for `url` failed verification: count it and open their circuits."""
-        served_by, _ = self._served.pop(url, (None, None))
+    def rejected(self, url: str, reason: str) -> str | None:
+        """What peers sent for `url` failed verification: count it, open their circuits, and
+        return the narinfo hash to look up again (now from other sources)."""
+        served_by, hash_part = self._served.pop(url, (None, None))
         culprits = self._streamed_by.pop(url, set()) | ({served_by} if served_by else set())
         for peer_url in culprits:
             peer = self.peers.get(peer_url)
@@ -232,6 +236,7 @@ class PeerSource:
             metrics.PEER_REJECTED.labels(peer.name, reason).inc()
             log.warning("peer sent data that failed verification", extra={"fields": {
                 "peer": peer.name, "url": url, "reason": reason}})
+        return hash_part
 
 
 def _bounded_put(d: OrderedDict, key: str, value: object) -> None:

@@ -115,6 +115,7 @@ UPSTREAM_METRICS = SourceMetrics(metrics.UPSTREAM_REQUESTS, metrics.UPSTREAM_ERR
 
 class Upstream:
     kind = "upstream"  # the `source` label of lookups and served bytes
+    stream_unverified = True  # clients may read a NAR before the whole file is verified
 
     def __init__(self, url: str, timeouts: Timeouts, circuit_failures: int = 3,
                  circuit_cooldown: float = 30.0, source_metrics: SourceMetrics = UPSTREAM_METRICS
@@ -256,6 +257,8 @@ class Upstream:
     def throughput(self) -> float:
         return self._throughput
 
-    def rejected(self, url: str, reason: str) -> None:
-        """The caller refused what this source sent for `url` (a narinfo or NAR URL). An
-        upstream's data is refused and counted by the caller; nothing more to do here."""
+    def rejected(self, url: str, reason: str) -> str | None:
+        """The caller refused what this source sent for `url` (a narinfo or NAR URL); returns
+        a narinfo hash to look up again from the other sources, if worth it. An upstream's
+        data is refused and counted by the caller; nothing more to do here."""
+        return None

@@ -209,7 +209,8 @@ class Transfer:
                     await loop.run_in_executor(IO_POOL, self._absorb, verifier, chunk)
                     if self.store_error:
                         raise StoreFull(f"store write failed: {self.store_error.strerror}")
-                    self.visible = self.written - len(chunk)
+                    if self.upstream.stream_unverified:
+                        self.visible = self.written - len(chunk)
                     self._notify()
             await loop.run_in_executor(IO_POOL, verifier.finish)
             await loop.run_in_executor(IO_POOL, self._commit, verifier.file_hash())
@@ -222,8 +223,11 @@ class Transfer:
         except VerificationError as e:
             self.error = e
             metrics.VERIFY_FAILURES.labels(e.reason).inc()
-            self.upstream.rejected(self.nar.upstream_url or "", e.reason)
+            again = self.upstream.rejected(self.nar.upstream_url or "", e.reason)
             self.fetcher.store.discard_pending(self.nar.file)
+            if again:  # look it up elsewhere before the clients, who got nothing, retry
+                with contextlib.suppress(Exception):
+                    await self.fetcher.lookup(again)
             log.warning("nar rejected", extra={"fields": {
                 "upstream": self.upstream.name, "file": self.nar.file, "reason": e.reason,
                 "error": str(e)}})

@@ -39,13 +39,15 @@ class PeerCluster:
     def peer_url(self, i: int) -> str:
         return f"http://{self.hosts[i].address}:{self.peer_ports[i]}"
 
-    def add_agents(self, n: int, *extra: str, peers: list[str] | None = None) -> list[AgentProcess]:
-        """Start `n` more agents; each is told about every agent (the new ones included)."""
+    def add_agents(self, n: int, *extra: str, extra_peers: tuple[str, ...] = ()) \
+            -> list[AgentProcess]:
+        """Start `n` more agents; each is told about every agent (the new ones included) and
+        `extra_peers`."""
         first = len(self.agents)
         for _ in range(n):
             self.hosts.append(self.net.add_host())
             self.peer_ports.append(free_port())
-        every = peers if peers is not None else [self.peer_url(i) for i in range(len(self.hosts))]
+        every = [*(self.peer_url(i) for i in range(len(self.hosts))), *extra_peers]
         started = []
         for i in range(first, first + n):
             host = self.hosts[i]
@@ -81,10 +83,10 @@ def peer_cluster(tmp_path: Path, published_cache: Path,
     with Network() as net:
         upstream = UpstreamServer(published_cache, host=net.gateway).start()
 
-        def make(n: int, *extra: str) -> PeerCluster:
+        def make(n: int, *extra: str, extra_peers: tuple[str, ...] = ()) -> PeerCluster:
             cluster = PeerCluster(net, tmp_path, upstream, signing_key[1])
             clusters.append(cluster)
-            cluster.add_agents(n, *extra)
+            cluster.add_agents(n, *extra, extra_peers=extra_peers)
             return cluster
         try:
             yield make
