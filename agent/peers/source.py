@@ -9,7 +9,9 @@ with `rejected()`, which opens that peer's circuit.
 
 `nar(url)` streams from the peer that served the narinfo naming `url`, then the next peer
 (told which narinfo to look up), then any upstream whose narinfo names the same file; a
-stream broken half-way resumes where it stopped (Range) from the next of them.
+stream broken half-way resumes where it stopped (Range) from the next of them. The NAR URL
+of a peer's narinfo is tagged with the narinfo's hash (`?narinfo=HASH`, not covered by
+signatures), so the store's record of it is enough to find the NAR again after a restart.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import aiohttp
 from agent import metrics
 from agent.nix.narinfo import NarInfoError
 from agent.nix.narinfo import parse as parse_narinfo
+from agent.nix.storepath import is_hash_part
 from agent.peers.membership import Membership
 from agent.peers.protocol import (
     HOP_HEADER,
@@ -50,6 +53,7 @@ from agent.upstream.client import (
 log = logging.getLogger(__name__)
 PEERS_URL = "peers:"   # what the store records as the source of a peer-served narinfo
 MAX_REMEMBERED = 100_000
+HASH_TAG = "narinfo="
 PEER_TRIES = 2         # the owner, then the next peer; then the upstreams
 CLOSE_GRACE = 60.0     # a departed peer's connections stay open for transfers in flight
 PEER_METRICS = SourceMetrics(metrics.PEER_REQUESTS, metrics.PEER_ERRORS, metrics.PEER_DURATION,
@@ -107,8 +111,7 @@ class PeerSource:
         self.upstreams = upstreams
         self.peers: dict[str, Peer] = {}
         self.breaker = _AllOpen(self)
-        # narinfo and NAR URLs -> (the peer that served them, the narinfo's hash part)
-        self._served: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._served: OrderedDict[str, str] = OrderedDict()  # narinfo and NAR URL -> peer id
         self._streamed_by: OrderedDict[str, set[str]] = OrderedDict()  # NAR URL -> senders
         self._started = False
         membership.on_change.append(self._update)
@@ -169,14 +172,11 @@ class PeerSource:
                 continue
             if text is None:
                 return None
-            self._remember(f"{hash_part}.narinfo", peer, hash_part)
-            if (url := _nar_url(text)) is not None:
-                self._remember(url, peer, hash_part)
+            text = _tag_nar_url(text, hash_part)
+            for url in (f"{hash_part}.narinfo", _nar_url(text)):
+                _bounded_put(self._served, url, peer.id)
             return text
         return None
-
-    def _remember(self, url: str, peer: Peer, hash_part: str) -> None:
-        _bounded_put(self._served, url, (peer.id, hash_part))
 
     # --- NAR -------------------------------------------------------------------------------
 
@@ -207,36 +207,38 @@ class PeerSource:
                             f"no peer or upstream could send {url}: " + "; ".join(errors))
 
     async def _nar_sources(self, url: str) -> AsyncIterator[tuple[Upstream, str, dict[str, str]]]:
-        """Where `url` may be fetched, best first."""
-        served_by, hash_part = self._served.get(url, (None, None))
+        """Where `url` may be fetched, best first: the peer that served its narinfo, the next
+        peers for that narinfo (told to look it up), then any upstream with the same file."""
+        path, hash_part = _untag(url)
         if not forwarded.get():
-            first = self.peers.get(served_by) if served_by else None
+            first = self.peers.get(self._served.get(url, ""))
             if first is not None:
-                yield first, url, {}
-            if hash_part:
-                others = [p for p in self.order(hash_part)[0] if p is not first]
-                for peer in others[:PEER_TRIES - (first is not None)]:
-                    yield peer, url, {NARINFO_HEADER: hash_part}
+                yield first, path, {}
+            others = [p for p in self.order(hash_part)[0] if p is not first] if hash_part else []
+            for peer in others[:PEER_TRIES - (first is not None)]:
+                yield peer, path, {NARINFO_HEADER: hash_part or ""}
         if hash_part:
             for up in self.upstreams:
-                up_url = await _same_file_at(up, hash_part, url)
+                up_url = await _same_file_at(up, hash_part, path)
                 if up_url:
                     yield up, up_url, {}
 
     def rejected(self, url: str, reason: str) -> str | None:
         """What peers sent for `url` failed verification: count it, open their circuits, and
         return the narinfo hash to look up again (now from other sources)."""
-        served_by, hash_part = self._served.pop(url, (None, None))
+        served_by = self._served.pop(url, None)
         culprits = self._streamed_by.pop(url, set()) | ({served_by} if served_by else set())
-        for peer_url in culprits:
-            peer = self.peers.get(peer_url)
+        for peer_id in culprits:
+            peer = self.peers.get(peer_id)
             if peer is None:
                 continue
             peer.breaker.trip()
             metrics.PEER_REJECTED.labels(peer.name, reason).inc()
             log.warning("peer sent data that failed verification", extra={"fields": {
                 "peer": peer.name, "url": url, "reason": reason}})
-        return hash_part
+        if url.endswith(".narinfo"):
+            return None  # the caller goes on to the next source by itself
+        return _untag(url)[1]
 
 
 def _bounded_put(d: OrderedDict, key: str, value: object) -> None:
@@ -246,11 +248,23 @@ def _bounded_put(d: OrderedDict, key: str, value: object) -> None:
         d.popitem(last=False)
 
 
-def _nar_url(text: str) -> str | None:
-    for line in text.splitlines():
-        if line.startswith("URL: "):
-            return line[5:].strip()
-    return None
+def _nar_url(text: str) -> str:
+    return next((line[5:].strip() for line in text.splitlines() if line.startswith("URL: ")), "")
+
+
+def _tag_nar_url(text: str, hash_part: str) -> str:
+    """The narinfo with its NAR URL naming the narinfo (`nar/X.nar.xz?narinfo=HASH`): the
+    store keeps that URL, so the NAR can be found again from any peer or upstream even after
+    a restart. URL is not covered by signatures."""
+    return "".join(f"URL: {line[5:].strip().partition('?')[0]}?{HASH_TAG}{hash_part}\n"
+                   if line.startswith("URL: ") else line + "\n" for line in text.splitlines())
+
+
+def _untag(url: str) -> tuple[str, str | None]:
+    """(the NAR path, the narinfo hash it was tagged with, if any)."""
+    path, _, query = url.partition("?")
+    hash_part = query.removeprefix(HASH_TAG) if query.startswith(HASH_TAG) else ""
+    return path, hash_part if is_hash_part(hash_part) else None
 
 
 async def _same_file_at(up: Upstream, hash_part: str, url: str) -> str | None:

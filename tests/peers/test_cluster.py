@@ -58,11 +58,37 @@ async def test_peer_listener_refuses_requests_without_the_token(
                         {"Authorization": "Basic " + cluster.token}):
             async with http.get(url, headers=headers) as r:
                 assert r.status == 401, headers
-        async with http.get(url, headers={"Authorization": f"Bearer {cluster.token}"}) as r:
+        old = cluster.token
+        async with http.get(url, headers={"Authorization": f"Bearer {old}"}) as r:
             assert r.status == 200
-        # The cache listener is not the peer port: it has no peer routes behind it.
-    assert cluster.agents[0].metric("flox_node_cache_peer_unauthorized_total") == 3
+        # The Secret rotates: the file changes, the old token stops working without a restart.
+        cluster.token_file.write_text("rotated-" + old + "\n")
+        async with http.get(url, headers={"Authorization": f"Bearer {old}"}) as r:
+            assert r.status == 401
+        async with http.get(url, headers={"Authorization": f"Bearer rotated-{old}"}) as r:
+            assert r.status == 200
+    assert cluster.agents[0].metric("flox_node_cache_peer_unauthorized_total") == 4
     assert cluster.upstream.count("*.narinfo") == 1  # refused requests fetched nothing
+
+
+async def test_a_narinfo_from_a_peer_still_finds_its_nar_after_a_restart(
+        peer_cluster: MakeCluster, small_closure: Closure, big_path_closure: Closure) -> None:
+    cluster = peer_cluster(2)
+    h = next(hash_part(p) for p in small_closure.paths + big_path_closure.paths
+             if cluster.owner(hash_part(p)) == 1)
+    agent = cluster.agents[0]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{agent.url}/{h}.narinfo") as r:
+            assert r.status == 200
+            nar = next(line[5:] for line in (await r.text()).splitlines()
+                       if line.startswith("URL: "))
+        agent.stop()
+        agent.start()  # the same store: the narinfo is known, its NAR is not fetched yet
+        async with http.get(f"{agent.url}/{nar}") as r:
+            assert r.status == 200
+            await r.read()
+    assert agent.metric("flox_node_cache_lookups_total", kind="nar", source="peer") == 1
+    assert cluster.upstream.count("/nar/*") == 1  # by the owner, for its peer
 
 
 async def test_a_forwarded_request_is_never_forwarded_again(
