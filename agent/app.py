@@ -1,9 +1,11 @@
 """Builds the aiohttp applications and owns the agent's lifetime.
 
-Three listeners share one Agent:
+The listeners share one Agent:
   - the Unix socket: cache protocol + health + the admin API (prewarm, pins, gc);
   - loopback TCP: cache protocol + health only (what the node's nix-daemon uses);
-  - the metrics port: /metrics + health (what Prometheus and the kubelet probe).
+  - the metrics port: /metrics + health (what Prometheus and the kubelet probe);
+  - with --peer-listen, the peer port: cache protocol for other nodes' agents, behind the
+    shared token, answered without asking further peers (agent/peers/listener.py).
 """
 
 import asyncio
