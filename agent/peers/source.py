@@ -113,6 +113,8 @@ class PeerSource:
         self.breaker = _AllOpen(self)
         self._served: OrderedDict[str, str] = OrderedDict()  # narinfo and NAR URL -> peer id
         self._streamed_by: OrderedDict[str, set[str]] = OrderedDict()  # NAR URL -> senders
+        self._retired: set[Peer] = set()  # departed, closed after CLOSE_GRACE
+        self._closing: set[asyncio.Task[None]] = set()
         self._started = False
         membership.on_change.append(self._update)
 
@@ -124,9 +126,10 @@ class PeerSource:
 
     async def close(self) -> None:
         self._started = False
-        for peer in self.peers.values():
+        for peer in [*self.peers.values(), *self._retired]:
             await peer.close()
         self.peers.clear()
+        self._retired.clear()
 
     def _update(self, live: list[str]) -> None:
         if not self._started:
@@ -140,8 +143,15 @@ class PeerSource:
     def _retire(self, peer: Peer) -> None:
         with contextlib.suppress(KeyError):
             metrics.PEER_CIRCUIT_OPEN.remove(peer.name)
-        loop = asyncio.get_running_loop()
-        loop.call_later(CLOSE_GRACE, lambda: loop.create_task(peer.close()))
+        self._retired.add(peer)
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, self._close_retired, peer)
+
+    def _close_retired(self, peer: Peer) -> None:
+        if peer in self._retired:
+            self._retired.discard(peer)
+            task = asyncio.ensure_future(peer.close())
+            self._closing.add(task)  # a reference until done: the loop keeps only weak ones
+            task.add_done_callback(self._closing.discard)
 
     def status(self) -> dict[str, str]:
         return {p.id: "circuit_open" if p.breaker.is_open else "ok" for p in self.peers.values()}

@@ -31,9 +31,10 @@ from tests.support.upstream import Fault, UpstreamServer
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "flox-node-cache.json"
 PROMETHEUS_RULE = ROOT / "daemonset" / "overlays" / "monitoring" / "prometheusrule.yaml"
-ROWS = ["Overview", "Traffic", "Upstream", "Store", "Prewarm", "Agent health"]
+ROWS = ["Overview", "Traffic", "Upstream", "Store", "Prewarm", "Agent health", "Peers"]
 QUICK = "download-attempts = 1\nstalled-download-timeout = 10\nconnect-timeout = 5\n"
 
+NO_PEERS = "the test agent has no peers (tests/peers exercises them)"
 # Panel queries ("row/panel title/refId") the test traffic cannot exercise, and why.
 MAY_BE_EMPTY = {
     "Store/Evictions/A": "nothing is evicted: the store stays far below its budget",
@@ -41,6 +42,12 @@ MAY_BE_EMPTY = {
     "Store/Write errors and scrub/A": "no store write fails (disk full needs a full disk)",
     "Prewarm/FloxHub resolve latency p99/A": "prewarms by store paths resolve nothing on FloxHub",
     "Agent health/Kubernetes watch restarts/A": "the agent runs with --kubernetes off",
+    "Peers/Egress saved by peers/A": NO_PEERS,
+    "Peers/Egress saved by peers per node/A": NO_PEERS,
+    "Peers/Peer errors and refusals/A": NO_PEERS,
+    "Peers/Peer errors and refusals/B": NO_PEERS,
+    "Peers/Peer circuit open/A": NO_PEERS,
+    "Peers/Peer latency p99/A": NO_PEERS,
 }
 # Queries that return series, legitimately all zero after the test traffic, and why. Every
 # other exercised query must show a value above zero.
@@ -53,6 +60,8 @@ MAY_BE_ZERO = {
     "Prewarm/Prewarm bytes remaining/A": "both prewarms finish",
     "Prewarm/New generations/A": "no FloxHub generation watch runs",
     "Agent health/Process restarts/A": "the agent is not restarted",
+    "Peers/Live peers/A": NO_PEERS,
+    "Peers/Served to peers/A": NO_PEERS,
 }
 
 
