@@ -108,6 +108,8 @@ async def status(args: argparse.Namespace) -> int:
     out.print(f"store {st['store']}: {_size(st['used_bytes'])} of {_size(st['budget_bytes'])} "
               f"budget, {st['entries']['narinfo']} paths, {_size(st['pinned_bytes'])} pinned"
               + (" [red]DISK FULL[/]" if st["disk_full"] else ""))
+    if st.get("peers"):
+        out.print("peers: " + ", ".join(f"{p} ({state})" for p, state in st["peers"].items()))
     table = Table("environment", "generation", "paths", "size", "present", "pinned by")
     for e in envs:
         table.add_row(e["ref"], str(e["generation"] or "-"),

@@ -4,6 +4,7 @@ committed, and a bad peer costs its timeout once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import subprocess
 import sys
@@ -111,14 +112,14 @@ async def test_hostile_peer_with_flipped_nar_bytes_is_refused_and_clients_still_
 async def test_black_holed_peer_costs_its_timeout_once(
         peer_cluster: MakeCluster, small_closure: Closure, tmp_path: Path) -> None:
     cluster = peer_cluster(3, "--peer-timeout", "1", "--circuit-cooldown", "300")
-    client, peers = 0, [1, 2]
+    client, peers_i = 0, [1, 2]
     # Random, absent paths (the upstream says 404) and the peer agent 0 asks first for each:
     # the owner, or when agent 0 owns it, the next one.
     keys = ["".join(secrets.choice(NIX32) for _ in range(32)) for _ in range(200)]
     ids = [cluster.peer_url(i) for i in range(3)]
     first_asked = {k: ids.index(next(p for p in ranked(ids, k) if p != ids[client]))
                    for k in keys}
-    cut = max(peers, key=lambda i: sum(v == i for v in first_asked.values()))
+    cut = max(peers_i, key=lambda i: sum(v == i for v in first_asked.values()))
     theirs = [k for k in keys if first_asked[k] == cut][:6]
     cluster.net.cut(cluster.hosts[cut])
     agent = cluster.agents[client]
@@ -132,6 +133,10 @@ async def test_black_holed_peer_costs_its_timeout_once(
     assert agent.metric("flox_node_cache_peer_errors_total", peer=peer,
                         reason="circuit_open") == len(theirs) - 1
     assert agent.metric("flox_node_cache_peer_circuit_open", peer=peer) == 1
+    status = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--socket",
+                             str(agent.socket)], capture_output=True, text=True, timeout=60)
+    peers = json.loads(status.stdout)["store"]["peers"]
+    assert peers == {cluster.peer_url(i): "circuit_open" if i == cut else "ok" for i in peers_i}
     # Real clients meanwhile work through the others and the upstream.
     await _copy(agent, small_closure, tmp_path / "pod", cluster.key)
     assert agent.metric("flox_node_cache_peer_errors_total", peer=peer, reason="timeout") == 1
