@@ -42,7 +42,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("loadtest")
     out = tmp / "results.json"
     proc = _run("--size", "tiny", "--workdir", str(tmp / "work"), "--json", str(out),
-                "--settle-limit", "2", "--storm-seconds", "0.3", "--latency", "0.005")
+                "--settle-limit", "2", "--storm-seconds", "0.3", "--latency", "0.005",
+                timeout=300)  # scenario 5 starts 8 agents
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "flox-node-cache loadtest" in proc.stdout  # the table
     return json.loads(out.read_text())
