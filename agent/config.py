@@ -137,6 +137,10 @@ class Config:
             return
         if self.peer_token_file is None:
             raise ConfigError("peers need the cluster-shared secret: set --peer-token-file")
+        if self.peers_enabled and not self.require_signatures:
+            # Without signatures, a peer could make up a narinfo and matching bytes.
+            raise ConfigError("peers are trusted for nothing but availability: they need "
+                              "signature checks (drop --no-require-signatures)")
         from agent.peers.protocol import PeerToken, PeerTokenError
 
         try:

@@ -121,3 +121,24 @@ async def test_a_forwarded_request_is_never_forwarded_again(
                                         kind="narinfo") == 1
     assert cluster.agents[owner].metric("flox_node_cache_http_requests_total",
                                         listener="peer") == 1
+
+
+async def test_an_upstream_error_at_the_owner_is_never_a_not_found(
+        peer_cluster: MakeCluster, small_closure: Closure, big_path_closure: Closure) -> None:
+    cluster = peer_cluster(2)
+    h = next(hash_part(p) for p in small_closure.paths + big_path_closure.paths
+             if cluster.owner(hash_part(p)) == 1)
+    cluster.upstream.set_fault(f"/{h}.narinfo", Fault("status", code=500))
+    auth = {"Authorization": f"Bearer {cluster.token}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{cluster.peer_url(1)}/{h}.narinfo", headers=auth) as r:
+            assert r.status == 503  # the owner, asked as a peer: an error, not an answer
+            assert "X-Flox-Peer-Not-Found" not in r.headers
+        async with http.get(f"{cluster.agents[0].url}/{h}.narinfo") as r:
+            assert r.status == 503  # and a client of another node gets an error too
+        cluster.upstream.clear_faults()
+        async with http.get(f"{cluster.agents[0].url}/{h}.narinfo") as r:
+            assert r.status == 200
+        absent = "0" * 32
+        async with http.get(f"{cluster.peer_url(1)}/{absent}.narinfo", headers=auth) as r:
+            assert r.status == 404 and r.headers["X-Flox-Peer-Not-Found"] == "upstreams"

@@ -40,6 +40,8 @@ def test_peers_from_environment_and_toml(tmp_path: Path, token: Path) -> None:
     ({"peers": ("http://a:1",), "peer_token_file": "MISSING"}, "No such file"),
     ({"peers": ("http://a:1",), "peer_token_file": "EMPTY"}, "is empty"),
     ({"peer_service": "svc", "peer_token_file": "TOKEN", "kubernetes": "off"}, "Kubernetes"),
+    ({"peers": ("http://a:1",), "peer_token_file": "TOKEN", "require_signatures": False},
+     "signature"),
 ])
 def test_bad_peer_settings_are_clear_errors(settings: dict, message: str, token: Path,
                                             tmp_path: Path) -> None:
