@@ -176,14 +176,14 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         _secure_socket(config.socket, config.socket_group)
         host, port = config.listen_addr
         await start(cache_app(agent, "tcp", with_admin=False), lambda r: web.TCPSite(r, host, port))
-        mhost, mport = config.metrics_addr
-        await start(metrics_app(agent), lambda r: web.TCPSite(r, mhost, mport))
-        if agent.peers and config.peer_addr:
+        if agent.peers and config.peer_addr:  # before /readyz: ready agents are peers
             phost, pport = config.peer_addr
             await start(peer_app(cache.routes(agent), agent.peers.token,
                                  resolve=agent.fetcher.lookup, has_narinfo=agent.has_narinfo,
                                  middlewares=[observe("peer")]),
                         lambda r: web.TCPSite(r, phost, pport))
+        mhost, mport = config.metrics_addr
+        await start(metrics_app(agent), lambda r: web.TCPSite(r, mhost, mport))
         tasks += [asyncio.create_task(t) for t in agent.background()]
         tasks.append(asyncio.create_task(_periodic(5, agent.store.index.flush_access, "access")))
         log.info("agent ready", extra={"fields": {
