@@ -4,6 +4,7 @@ namespaces, real Nix clients, one counting upstream on the bridge."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,3 +143,21 @@ async def test_an_upstream_error_at_the_owner_is_never_a_not_found(
         absent = "0" * 32
         async with http.get(f"{cluster.peer_url(1)}/{absent}.narinfo", headers=auth) as r:
             assert r.status == 404 and r.headers["X-Flox-Peer-Not-Found"] == "upstreams"
+
+
+async def test_a_prewarm_on_every_node_downloads_the_closure_once(
+        peer_cluster: MakeCluster, small_closure: Closure) -> None:
+    cluster = peer_cluster(3)
+    cluster.upstream.set_fault("*", Fault("delay", delay=0.2))  # the prewarms overlap
+    prewarms = await asyncio.gather(*[asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "prewarm", "--socket", str(a.socket),
+        *[x for p in small_closure.roots for x in ("--store-path", p)],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE) for a in cluster.agents])
+    for proc in prewarms:
+        _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+    counts = cluster.upstream.counts
+    for path in small_closure.paths:
+        assert counts[f"/{hash_part(path)}.narinfo"] == 1, counts
+    assert sorted(n for p, n in counts.items() if p.startswith("/nar/")) \
+        == [1] * len(small_closure.paths)
