@@ -4,6 +4,8 @@ hole, and nothing is left behind, even when the test fails."""
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +38,18 @@ def test_hosts_reach_each_other_until_cut_and_everything_is_removed() -> None:
             proc.wait()
         raise RuntimeError("boom")  # a failing test still cleans up
     assert leftovers(net.tag) == []
+
+
+def test_what_a_killed_run_left_behind_is_reaped_by_the_next() -> None:
+    script = ("import os, signal, subprocess; from tests.support.netns import Network; "
+              "net = Network().__enter__(); h = net.add_host(); "
+              "subprocess.Popen([*h.exec_prefix(), 'sleep', '600'], stdout=subprocess.DEVNULL, "
+              "stderr=subprocess.DEVNULL); print(net.tag, flush=True); "
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).resolve().parents[2])
+    tag = killed.stdout.strip()
+    assert tag and leftovers(tag), killed.stderr  # the namespace, bridge and link are there
+    with Network():
+        pass
+    assert leftovers(tag) == []

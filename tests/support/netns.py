@@ -14,8 +14,11 @@ Needs root and `ip netns` (iproute2); `unavailable()` says why not, for a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -62,13 +65,14 @@ class Host:
 
 class Network:
     def __init__(self) -> None:
-        self.tag = str(os.getpid() % 100_000)
+        self.tag = str(os.getpid())  # interface names stay within 15 characters
         self.bridge = f"fncb{self.tag}"
         self.prefix = _free_subnet()
         self.gateway = f"{self.prefix}.1"
         self.hosts: list[Host] = []
 
     def __enter__(self) -> Network:
+        reap_stale()
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
@@ -118,6 +122,33 @@ class Network:
             _ip("netns", "del", host.namespace, check=False)
         self.hosts.clear()
         _ip("link", "del", self.bridge, check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def reap_stale() -> None:
+    """Remove what runs killed before their cleanup left behind (their pid is gone): the
+    processes still inside their namespaces, the namespaces, the bridges and links."""
+    for ns in _ip("netns", "list").stdout.split():
+        m = re.fullmatch(r"fnc-peers-(\d+)-\d+", ns)
+        if m and not _alive(int(m.group(1))):
+            for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _ip("netns", "del", ns, check=False)
+    for link in re.findall(r"^\d+: (fnc[bh]\d+(?:x\d+)?)[@:]", _ip("-o", "link", "show").stdout,
+                           re.MULTILINE):
+        pid = int(re.sub(r"x\d+$", "", link[4:]))
+        if not _alive(pid):
+            _ip("link", "del", link, check=False)
 
 
 def leftovers(tag: str) -> list[str]:
