@@ -19,6 +19,7 @@ from agent.peers.protocol import (
     LOCAL_ONLY_HEADER,
     NARINFO_HEADER,
     NOT_FOUND_HEADER,
+    UPSTREAM_ERROR_HEADER,
     PeerToken,
     PeerTokenError,
     forwarded,
@@ -75,6 +76,8 @@ def one_hop(resolve: Resolve | None, has_narinfo: HasNarinfo | None) -> Callable
                 raise
             if resp.status == 404 and is_narinfo and not resp.prepared:
                 resp.headers[NOT_FOUND_HEADER] = "upstreams"
+            if resp.status == 503 and not resp.prepared:  # only the upstreams fail that way
+                resp.headers[UPSTREAM_ERROR_HEADER] = "1"
             if resp.status in (200, 206):
                 metrics.PEER_SERVED_BYTES.inc(resp.content_length or resp.body_length or 0)
             return resp

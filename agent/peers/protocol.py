@@ -11,6 +11,8 @@ HOP_HEADER = "X-Flox-Peer-Hop"
 # or "local" (asked with LOCAL_ONLY_HEADER, its store does not have it).
 NOT_FOUND_HEADER = "X-Flox-Peer-Not-Found"
 NOT_FOUND_VALUES = ("upstreams", "local")
+# On a 503 from a peer: its upstreams failed, the peer itself works (its circuit stays closed).
+UPSTREAM_ERROR_HEADER = "X-Flox-Peer-Upstream-Error"
 # Answer from your store only, fetch nothing: sent by the owner of a key that lacks it to the
 # next peer in rendezvous order (the owner before it joined), so a new node warms from peers.
 LOCAL_ONLY_HEADER = "X-Flox-Peer-Local-Only"

@@ -36,6 +36,7 @@ from agent.peers.protocol import (
     NARINFO_HEADER,
     NOT_FOUND_HEADER,
     NOT_FOUND_VALUES,
+    UPSTREAM_ERROR_HEADER,
     PeerToken,
     PeerTokenError,
     forwarded,
@@ -82,6 +83,14 @@ class Peer(Upstream):
         # Only the peer's own "not here" is an answer; any other 404 (a proxy, a wrong port)
         # is an error.
         return resp.status == 404 and resp.headers.get(NOT_FOUND_HEADER) in NOT_FOUND_VALUES
+
+    def _status_error(self, resp: aiohttp.ClientResponse, kind: str,
+                      message: str) -> UpstreamError:
+        if resp.status == 503 and resp.headers.get(UPSTREAM_ERROR_HEADER):
+            # The peer works but its upstreams do not: ask elsewhere, keep asking it.
+            self.m.errors.labels(self.name, "peer_upstream").inc()
+            return UpstreamError(self.name, "peer_upstream", f"{message}: its upstreams failed")
+        return super()._status_error(resp, kind, message)
 
 
 class _AllOpen:

@@ -149,6 +149,12 @@ class Upstream:
             self.m.errors.labels(self.name, "circuit_open").inc()
             raise UpstreamError(self.name, "circuit_open", "circuit open after repeated errors")
 
+    def _status_error(self, resp: aiohttp.ClientResponse, kind: str,
+                      message: str) -> UpstreamError:
+        """An unexpected status: a failure of this source."""
+        reason = "not_found" if kind == "nar" and resp.status in NOT_HERE else "status"
+        return self._failed(kind, reason, message)
+
     def _failed(self, kind: str, reason: str, message: str) -> UpstreamError:
         """Count a failed request (its status, if any, was counted already) and trip the breaker."""
         self.breaker.failure()
@@ -171,7 +177,7 @@ class Upstream:
                         self.breaker.success()
                         return None
                     if resp.status != 200:
-                        raise self._failed("narinfo", "status", f"HTTP {resp.status}")
+                        raise self._status_error(resp, "narinfo", f"HTTP {resp.status}")
                     body = await _read_limited(resp, MAX_NARINFO + 1)
         except TimeoutError:
             raise self._failed("narinfo", "timeout", "narinfo request timed out") from None
@@ -213,8 +219,7 @@ class Upstream:
         self.m.requests.labels(self.name, "nar", resp.status).inc()
         try:
             if resp.status not in ((200, 206) if offset else (200,)):
-                reason = "not_found" if resp.status in NOT_HERE else "status"
-                raise self._failed("nar", reason, f"HTTP {resp.status} for {url}")
+                raise self._status_error(resp, "nar", f"HTTP {resp.status} for {url}")
             yield self._body(resp, skip=offset if resp.status == 200 else 0)
         finally:
             resp.release()

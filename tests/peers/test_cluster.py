@@ -137,9 +137,14 @@ async def test_an_upstream_error_at_the_owner_is_never_a_not_found(
             assert "X-Flox-Peer-Not-Found" not in r.headers
         async with http.get(f"{cluster.agents[0].url}/{h}.narinfo") as r:
             assert r.status == 503  # and a client of another node gets an error too
+        # The owner itself works: it stays in use (its circuit closed) and is asked again.
+        owner = f"{cluster.hosts[1].address}:{cluster.peer_ports[1]}"
+        assert cluster.agents[0].metric("flox_node_cache_peer_circuit_open", peer=owner) == 0
         cluster.upstream.clear_faults()
         async with http.get(f"{cluster.agents[0].url}/{h}.narinfo") as r:
             assert r.status == 200
+        assert cluster.agents[0].metric("flox_node_cache_lookups_total", kind="narinfo",
+                                        source="peer") == 1
         absent = "0" * 32
         async with http.get(f"{cluster.peer_url(1)}/{absent}.narinfo", headers=auth) as r:
             assert r.status == 404 and r.headers["X-Flox-Peer-Not-Found"] == "upstreams"
