@@ -3,6 +3,7 @@ discovered), the PeerSource the read-through path asks, and the shared token."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from agent.peers.protocol import PeerToken
 from agent.peers.source import PeerSource
 from agent.upstream.client import Timeouts, Upstream
 
+log = logging.getLogger(__name__)
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -39,7 +41,13 @@ class PeerTier:
         return cls(config, token, membership, source)
 
     def jobs(self, kubernetes: bool) -> list[Callable[[], Coroutine[Any, Any, None]]]:
-        return [self._discover] if kubernetes and self.config.peer_service else []
+        if not self.config.peer_service:
+            return []
+        if not kubernetes:
+            log.warning("peer-service is set but there is no cluster to watch (not in a "
+                        "cluster, no --kubeconfig): only --peer peers are used")
+            return []
+        return [self._discover]
 
     async def _discover(self) -> None:
         cfg = self.config
