@@ -48,42 +48,66 @@ def authenticate(token: PeerToken) -> Callable:
 
 
 def one_hop(resolve: Resolve | None, has_narinfo: HasNarinfo | None) -> Callable:
-    """Mark the request as forwarded; look up a hinted narinfo before a NAR; answer a
-    store-only question; mark 404s as answers."""
+    """Mark the request as forwarded; answer a store-only question; look up a hinted narinfo
+    before a NAR; mark 404s and 503s for the asking peer."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         token = forwarded.set(True)
         try:
-            is_narinfo = request.path.endswith(".narinfo")
-            asked = request.path[1:-len(".narinfo")] if is_narinfo else ""
-            if request.headers.get(LOCAL_ONLY_HEADER) and has_narinfo is not None \
-                    and is_hash_part(asked) and not has_narinfo(asked):
-                return web.Response(status=404, text="not in this node's store\n",
-                                    headers={NOT_FOUND_HEADER: "local"})
-            hint = request.headers.get(NARINFO_HEADER, "")
-            if resolve is not None and request.path.startswith("/nar/") and is_hash_part(hint):
-                try:
-                    await resolve(hint)
-                except Exception as e:  # the NAR request answers for itself (404 or 503)
-                    log.info("hinted narinfo lookup failed", extra={"fields": {
-                        "hash": hint, "error": str(e)}})
+            miss = _store_only_miss(request, has_narinfo)
+            if miss is not None:
+                return miss
+            await _resolve_hint(request, resolve)
             try:
                 resp = await handler(request)
             except web.HTTPNotFound as e:
-                if is_narinfo:
-                    e.headers[NOT_FOUND_HEADER] = "upstreams"
+                _mark(request, e)
                 raise
-            if resp.status == 404 and is_narinfo and not resp.prepared:
-                resp.headers[NOT_FOUND_HEADER] = "upstreams"
-            if resp.status == 503 and not resp.prepared:  # only the upstreams fail that way
-                resp.headers[UPSTREAM_ERROR_HEADER] = "1"
+            _mark(request, resp)
             if resp.status in (200, 206):
                 metrics.PEER_SERVED_BYTES.inc(resp.content_length or resp.body_length or 0)
             return resp
         finally:
             forwarded.reset(token)
     return middleware
+
+
+def _narinfo_hash(request: web.Request) -> str | None:
+    path = request.path
+    return path[1:-len(".narinfo")] if path.endswith(".narinfo") else None
+
+
+def _store_only_miss(request: web.Request, has_narinfo: HasNarinfo | None) -> web.Response | None:
+    """The 404 for a store-only question about a narinfo this store does not hold."""
+    asked = _narinfo_hash(request) or ""
+    if not request.headers.get(LOCAL_ONLY_HEADER) or has_narinfo is None \
+            or not is_hash_part(asked) or has_narinfo(asked):
+        return None
+    return web.Response(status=404, text="not in this node's store\n",
+                        headers={NOT_FOUND_HEADER: "local"})
+
+
+async def _resolve_hint(request: web.Request, resolve: Resolve | None) -> None:
+    """A peer asking for a NAR whose narinfo it got elsewhere names it: look it up first."""
+    hint = request.headers.get(NARINFO_HEADER, "")
+    if resolve is None or not request.path.startswith("/nar/") or not is_hash_part(hint):
+        return
+    try:
+        await resolve(hint)
+    except Exception as e:  # the NAR request answers for itself (404 or 503)
+        log.info("hinted narinfo lookup failed", extra={"fields": {
+            "hash": hint, "error": str(e)}})
+
+
+def _mark(request: web.Request, resp: web.StreamResponse) -> None:
+    """A narinfo 404 is this node's answer (store and upstreams); a 503 is its upstreams'."""
+    if resp.prepared:
+        return
+    if resp.status == 404 and _narinfo_hash(request) is not None:
+        resp.headers[NOT_FOUND_HEADER] = "upstreams"
+    elif resp.status == 503:
+        resp.headers[UPSTREAM_ERROR_HEADER] = "1"
 
 
 def peer_app(routes: Sequence[web.RouteDef], token: PeerToken, *,
