@@ -1,7 +1,8 @@
 """PeerSource: the peer set as one read-through source, with the interface of an Upstream.
 
-`get_narinfo(hash)` asks the rendezvous owner of the hash, then the next peer; a key this
-agent owns itself is not asked of anyone (the caller goes to the upstreams). It never raises:
+`get_narinfo(hash)` asks the rendezvous owner of the hash, then the next peer; for a key
+this agent owns itself, it asks the next peer only for what that peer already holds (then the
+caller goes to the upstreams, and this agent fills the key for the others). It never raises:
 None means "ask the upstreams" (every peer failed, or skipped, or the owner's own upstreams
 said not found), because the upstreams, not the peers, are the authority on what exists. The
 caller verifies whatever a peer sends exactly as an upstream answer and reports a refusal
