@@ -194,6 +194,9 @@ async def status(args: argparse.Namespace) -> int:
               f"{human_size(st['budget_bytes'])} budget, {st['entries']['narinfo']} paths, "
               f"{human_size(st['pinned_bytes'])} pinned"
               + (" [red]DISK FULL[/]" if st["disk_full"] else ""))
+    if st.get("peers"):
+        out.print("peers: " + ", ".join(f"{p} ({state})" for p, state in st["peers"].items()),
+                  markup=False)
     node = st.get("node_store") or {"mode": "off"}
     realising = node["mode"] != "off"
     if realising:

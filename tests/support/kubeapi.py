@@ -80,6 +80,8 @@ RESOURCES = [
     Resource("apps", "v1", "statefulsets", "StatefulSet", True),
     Resource("apps", "v1", "daemonsets", "DaemonSet", True),
     Resource("batch", "v1", "jobs", "Job", True),
+    Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True,
+             status_subresource=False, generation=False),
     Resource("batch", "v1", "cronjobs", "CronJob", True),
     Resource(CR_GROUP, "v1alpha1", "environmentprewarms", "EnvironmentPrewarm", False),
 ]
