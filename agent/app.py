@@ -32,6 +32,7 @@ from agent import __version__, metrics
 from agent.config import Config
 from agent.flox.floxhub import FloxHub
 from agent.flox.watch import GenerationWatch
+from agent.kube import health as kube_health
 from agent.logs import request_id
 from agent.node.realiser import NodeRealiser
 from agent.peers.listener import peer_app
@@ -70,12 +71,14 @@ class Parts:
         return {
             "store": str(self.config.store), "used_bytes": store.used_bytes(),
             "budget_bytes": self.upkeep.budget(), "free_bytes": store.free_bytes(),
+            "budget_exceeds_disk": self.upkeep.budget_exceeds_disk, "usage": store.usage(),
             "entries": store.counts(), "pinned_bytes": store.pins.pinned_bytes(),
             "pins": store.pins.holders(), "disk_full": store.disk_full,
             "upstreams": health.source_states(self.upstreams),  # type: ignore[arg-type]
             "peers": self.peers.status() if self.peers else {},
             "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
             "node_store": self.realiser.status(),
+            "kubernetes": kube_health.status(),
         }
 
     def has_narinfo(self, hash_part: str) -> bool:
@@ -119,7 +122,7 @@ async def build(config: Config) -> AsyncIterator[Parts]:
         readthrough = ReadThrough(
             store, [*([peers.source] if peers else []), *upstreams], list(config.public_keys),
             require_signatures=config.require_signatures, signing_key=config.signing_key,
-            negative_ttl=config.negative_ttl,
+            negative_ttl=config.negative_ttl, recompress_level=config.recompress_level,
             on_committed=recompressor.submit if recompressor else lambda file: None)
         stack.push_async_callback(readthrough.aclose)
         sender = FileSender(config.client_stall_timeout)
@@ -145,7 +148,8 @@ async def build(config: Config) -> AsyncIterator[Parts]:
                 kubeconfig=str(config.kubeconfig) if config.kubeconfig else None,
                 system=config.system,
                 options=KubeOptions(warm_taint=config.warm_taint,
-                                    warm_taint_timeout=config.warm_taint_timeout)))
+                                    warm_taint_timeout=config.warm_taint_timeout),
+                pin_holders=store.pins.holders))
         if peers:
             background += peers.jobs(config.kubernetes_enabled())
         metrics.STORE_BUDGET.set(upkeep.budget())

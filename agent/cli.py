@@ -81,8 +81,15 @@ def parser() -> argparse.ArgumentParser:
     pw.add_argument("--timeout", default="10m", metavar="DURATION",
                     help="with --cluster: deadline, e.g. 90s, 10m, 1h (default 10m)")
     pw.add_argument("--name", help="with --cluster: resource name (default: from the refs)")
+    pw.add_argument("--ttl", metavar="DURATION",
+                    help="with --cluster: release the pins and delete the prewarm this long "
+                         "after every node finished (spec.ttlSecondsAfterFinished)")
+    pw.add_argument("--delete", metavar="NAME",
+                    help="with --cluster: delete the EnvironmentPrewarm NAME; every node "
+                         "releases its pins")
     pw.add_argument("--kubeconfig", type=Path, metavar="FILE",
-                    help="with --cluster: kubeconfig (default: $KUBECONFIG, ~/.kube/config)")
+                    help="with --cluster: kubeconfig (default: $KUBECONFIG, ~/.kube/config, "
+                         "then the in-cluster service account)")
     _socket_option(pw)
 
     st = sub.add_parser("status", help="environments and store usage of the agent on this node")

@@ -7,6 +7,7 @@ wrapped or truncated, so scripts see whole names and errors.
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 from typing import Any
 from urllib.parse import quote
@@ -21,7 +22,6 @@ from agent import exits
 from agent.config import Config
 
 SHOWN_FAILURES = 20   # on a terminal; a pipe gets every failure
-EXIT_USAGE = exits.USAGE  # kept for agent/cli_cluster.py until it imports agent.exits
 
 
 def console(stderr: bool = False) -> Console:
@@ -194,6 +194,14 @@ async def status(args: argparse.Namespace) -> int:
               f"{human_size(st['budget_bytes'])} budget, {st['entries']['narinfo']} paths, "
               f"{human_size(st['pinned_bytes'])} pinned"
               + (" [red]DISK FULL[/]" if st["disk_full"] else ""))
+    u = st["usage"]
+    out.print(f"  NARs {human_size(u['nars'])}, index {human_size(u['index'])}, listings and "
+              f"narinfos {human_size(u['metadata'])}, temporary {human_size(u['temporary'])}"
+              + (f", originals kept {human_size(u['originals_in_grace'])} while clients may "
+                 "still read them (re-encoding grace period)" if u["originals_in_grace"] else ""))
+    if st["budget_exceeds_disk"]:
+        out.print("  [yellow]the budget is more than the disk can hold: it fills before "
+                  "eviction starts (lower --store-budget)[/]")
     if st.get("peers"):
         out.print("peers: " + ", ".join(f"{p} ({state})" for p, state in st["peers"].items()),
                   markup=False)
@@ -304,7 +312,11 @@ def verify(args: argparse.Namespace) -> int:
 
     if not (args.store / "nix-cache-info").exists():
         return _error(f"{args.store} is not a flox-node-cache store", exits.USAGE)
-    report = verify_store(args.store, repair=args.repair, progress=not args.json)
+    try:
+        report = verify_store(args.store, repair=args.repair, progress=not args.json)
+    except sqlite3.DatabaseError as e:  # the agent rebuilds it at its next start
+        return _error(f"the index of {args.store} is unusable ({e}); restart the agent to "
+                      "rebuild it from the store's files", exits.FAILED)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:

@@ -6,7 +6,8 @@ import re
 
 from rich.console import Console
 
-from agent.cli_client import EXIT_USAGE, err
+from agent import exits
+from agent.cli_client import err
 
 _DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
@@ -33,18 +34,24 @@ def parse_selector(items: list[str]) -> dict[str, str]:
 
 
 def prewarm_cluster_command(args: argparse.Namespace) -> int:
-    from agent.kube.rollout import prewarm_cluster
+    from agent.kube.rollout import delete_prewarm, prewarm_cluster
 
-    if not args.refs or args.lockfile or args.store_paths:
-        err.print("[red]error:[/] --cluster takes environment refs (owner/env[:N])")
-        return EXIT_USAGE
+    if bool(args.refs) == bool(args.delete) or args.lockfile or args.store_paths:
+        err.print("[red]error:[/] --cluster takes environment refs (owner/env[:N]), "
+                  "or --delete NAME")
+        return exits.USAGE
     try:
         timeout = parse_duration(args.timeout)
         selector = parse_selector(args.selector)
+        ttl = parse_duration(args.ttl) if args.ttl else None
     except ValueError as e:
         err.print(f"[red]error:[/] {e}")
-        return EXIT_USAGE
+        return exits.USAGE
+    kubeconfig = str(args.kubeconfig) if args.kubeconfig else None
+    if args.delete:
+        return asyncio.run(delete_prewarm(args.delete, timeout=timeout, kubeconfig=kubeconfig,
+                                          console=Console(stderr=True)))
     return asyncio.run(prewarm_cluster(
         refs=args.refs, selector=selector, pin=args.pin is not False, wait=args.wait,
-        timeout=timeout, kubeconfig=str(args.kubeconfig) if args.kubeconfig else None,
-        name=args.name, console=Console(stderr=True)))
+        timeout=timeout, kubeconfig=kubeconfig, name=args.name, console=Console(stderr=True),
+        ttl=ttl))

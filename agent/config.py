@@ -119,9 +119,9 @@ class Config:
         metavar="FILE", default_text="none")
     priority: int = setting(10, "Priority in nix-cache-info; lower is preferred", metavar="N",
                             at_least=0)
-    store_budget: str = setting("80%", "store size budget: a size (50G) or a share of the "
-                                "store's filesystem (25%)", metavar="SIZE|PCT",
-                                check=_budget_check)
+    store_budget: str = setting("25%", "store size budget, everything the store writes "
+                                "counted: a size (50G) or a share of the store's filesystem",
+                                metavar="SIZE|PCT", check=_budget_check)
     gc_high_watermark: float = setting(0.95, "start evicting above this share of the budget",
                                        metavar="RATIO", above=0, at_most=1)
     gc_low_watermark: float = setting(0.85, "evict down to this share of the budget",
@@ -317,7 +317,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_budget(text: str, filesystem_bytes: int) -> int:
-    """A size (`50G`) or a share of the store's filesystem (`80%`)."""
+    """A size (`50G`) or a share of the store's filesystem (`25%`)."""
     if text.strip().endswith("%"):
         try:
             share = float(text.strip()[:-1])

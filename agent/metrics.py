@@ -90,7 +90,8 @@ PEER_UNAUTHORIZED = Counter(f"{P}_peer_unauthorized_total",
                             "Requests to the peer listener refused for a missing or wrong token")
 
 # --- store -----------------------------------------------------------------------------------
-STORE_BYTES = Gauge(f"{P}_store_used_bytes", "Bytes of committed NARs in the store")
+STORE_BYTES = Gauge(f"{P}_store_used_bytes", "Bytes the store counts against its budget: NAR "
+                    "files, the index, temporary files, narinfos and listings")
 STORE_BUDGET = Gauge(f"{P}_store_budget_bytes", "Size budget of the store")
 STORE_ENTRIES = Gauge(f"{P}_store_entries", "Committed entries in the store", ["kind"])
 STORE_PINNED = Gauge(f"{P}_store_pinned_bytes", "Bytes of NARs held by pins")
@@ -104,6 +105,11 @@ GC_DURATION = Histogram(f"{P}_gc_duration_seconds", "Duration of an eviction pas
                         buckets=GC_LATENCY)
 RECOMPRESSIONS = Counter(f"{P}_recompressions_total",
                          "NARs re-encoded to zstd for faster unpacking, by outcome", ["outcome"])
+INDEX_REBUILDS = Counter(f"{P}_index_rebuilds_total",
+                         "Corrupt indexes moved aside and rebuilt from the store's files")
+NAR_REFETCHES = Counter(f"{P}_nar_refetches_total",
+                        "NARs a client asked for that were gone from the store (evicted, lost, "
+                        "or never stored on a full disk), streamed again from their source")
 SCRUBBED_BYTES = Counter(f"{P}_scrubbed_bytes_total", "Bytes re-hashed by the background scrub")
 
 # --- prefetch --------------------------------------------------------------------------------
@@ -125,6 +131,12 @@ GENERATION_CHANGES = Counter(f"{P}_floxhub_generation_changes_total",
                              "New live generations noticed by the generation watch")
 KUBE_WATCH_RESTARTS = Counter(f"{P}_kube_watch_restarts_total",
                               "Kubernetes watches restarted", ["resource", "reason"])
+KUBE_WATCH_FAILURES = Gauge(f"{P}_kube_watch_consecutive_failures",
+                            "Consecutive failed list/watch attempts of a Kubernetes watcher",
+                            ["resource"])
+KUBE_WATCH_LAST_SUCCESS = Gauge(f"{P}_kube_watch_last_success_timestamp_seconds",
+                                "Unix time of a Kubernetes watcher's last successful list or "
+                                "watch", ["resource"])
 
 # --- the node's own Nix store (agent/node) ---------------------------------------------------
 NODE_REALISATIONS = Counter(f"{P}_node_realisations_total",

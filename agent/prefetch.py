@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from agent import metrics
 from agent.flox.floxhub import EnvRef, FloxHub, FloxHubError, RefError, ResolvedEnv
 from agent.flox.lockfile import Lockfile, LockfileError, node_system, parse_lockfile
+from agent.flox.watch import holds_a_generation
 from agent.nix.storepath import STORE_DIR, StorePath, StorePathError
 from agent.readthrough import ReadThrough, Unavailable
 from agent.store.pins import EnvironmentReport
@@ -220,7 +221,8 @@ class Prefetcher:
         pins the one before."""
         ref = str(resolved.ref.unpinned)
         env = self.store.pins.environment(ref)
-        holders = self.store.pins.holders_of_environment(env) if env else set()
+        holders = {h for h in (self.store.pins.holders_of_environment(env) if env else ())
+                   if not holds_a_generation(h)}  # an explicit `owner/env:N` pin stays on N
         log.info("new generation, prefetching", extra={"fields": {
             "environment": ref, "generation": resolved.generation}})
         job = self.submit(Target.parse(ref=ref))

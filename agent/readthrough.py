@@ -1,6 +1,6 @@
 """The read-through path: the one owner of "give me this narinfo / this NAR".
 
-Every consumer (the HTTP routes, prefetch, and later peers asking this node) calls
+Every consumer (the HTTP routes, prefetch, and other agents through the peer listener) calls
 `narinfo(hash)` or `open_nar(file)`. The answer comes from, in order:
   1. the local store (committed entries);
   2. a transfer already in flight (any number of askers share one download);
@@ -32,8 +32,9 @@ from agent import metrics
 from agent.nix.narinfo import NarInfo
 from agent.nix.signing import PublicKey, SecretKey, add_signature, signature_problem, verified_by
 from agent.store.index import NarInfoRow, NarRow
+from agent.store.recompress import in_encoding
 from agent.store.store import Store
-from agent.store.transfer import Transfer
+from agent.store.transfer import NarOpener, StoreFull, Transfer, passthrough
 from agent.upstream.client import CircuitBreaker, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Lookup:
 class ReadThrough:
     def __init__(self, store: Store, sources: list[Source], keys: list[PublicKey], *,
                  require_signatures: bool = True, signing_key: SecretKey | None = None,
-                 negative_ttl: float = 30.0,
+                 negative_ttl: float = 30.0, recompress_level: int = 3,
                  on_committed: Callable[[str], None] = lambda file: None) -> None:
         self.store = store
         self.sources = sources
@@ -95,6 +96,7 @@ class ReadThrough:
         self.require_signatures = require_signatures
         self.signing_key = signing_key
         self.negative_ttl = negative_ttl
+        self.recompress_level = recompress_level
         self._on_committed = on_committed
         self._negative: dict[str, tuple[float, str]] = {}  # hash -> (until, reason)
         # (hash, whether the fetch relays to another agent) -> the fetch in flight
@@ -202,9 +204,11 @@ class ReadThrough:
         at once as `async with`. Raises UnknownNar when no narinfo names the file,
         Unavailable when its source is gone. `forwarded`: another agent asks."""
         row = self.store.nar_row(file)
+        if row is not None and row.committed and not self.store.nar_present(file):
+            self.store.lose_nar(file)  # deleted behind our back: a miss from now on
+            row = None
         if row is None:
-            self._count("nar", "not_found")
-            raise UnknownNar(file)
+            return self._stream_again(file, forwarded)
         if row.committed:
             self._count("nar", "local")
             return NarHandle(self, row, "local", None, "local")
@@ -222,17 +226,45 @@ class ReadThrough:
         """Make a NAR present (prefetch); returns the bytes fetched from a source (0 if it was
         local or another asker's download brought it)."""
         row = self.store.nar_row(file)
+        if row is None and self.store.uncached_nar(file) is not None:
+            raise StoreFull("not stored: the store's disk is full")
         if row is None:
             raise UnknownNar(file)
-        if row.committed:
+        if row.committed and self.store.nar_present(file):
             return 0
+        if row.committed:
+            self.store.lose_nar(file)
+            raise Unavailable("the NAR file was missing: its paths are fetched again next time")
         transfer, joined = self._transfer(row)
         received = await transfer.wait()
         return 0 if joined else received
 
+    def _stream_again(self, file: str, forwarded: bool) -> "NarHandle":
+        """A NAR the store no longer holds (evicted or lost after a client read its narinfo,
+        or never stored on a full disk): streamed from its source, verified, not cached. The
+        original of a re-encoded NAR is re-encoded on the way; if that does not give the
+        same bytes, verification fails the transfer and the Nix client tries its next
+        substituter. Without a source: UnknownNar (404), which Nix also falls through."""
+        row = self.store.uncached_nar(file)
+        source = self._find_source(row) if row is not None else None
+        if row is None or source is None:
+            self._count("nar", "not_found")
+            raise UnknownNar(file)
+        metrics.NAR_REFETCHES.inc()
+        self._count("nar", source.kind)
+        url = row.source_url or ""
+        opener = in_encoding(lambda: source.nar(url, relay=not forwarded), row.compression,
+                             self.recompress_level, self.store.run_io)
+        return NarHandle(self, row, source.kind, None, source.kind, opener)
+
+    def _find_source(self, row: NarRow) -> Source | None:
+        if row.source_url is None:
+            return None
+        return next((s for s in self.sources if s.url == row.source), None)
+
     def _source(self, row: NarRow) -> Source:
-        source = next((s for s in self.sources if s.url == row.source), None)
-        if source is None or row.source_url is None:
+        source = self._find_source(row)
+        if source is None:
             raise Unavailable(f"no configured source serves {row.file}")
         return source
 
@@ -296,12 +328,14 @@ class NarHandle:
     While open it keeps the file in use; it records the access and the bytes served."""
 
     def __init__(self, owner: ReadThrough, row: NarRow, source: str,
-                 transfer: Transfer | None, kind: str) -> None:
+                 transfer: Transfer | None, kind: str,
+                 uncached: NarOpener | None = None) -> None:
         self._owner = owner
         self.row = row
         self.source = source  # the lookup's: local, coalesced or the source's kind
         self.kind = kind      # where the bytes come from: local or the source's kind
         self.transfer = transfer
+        self._uncached = uncached  # streamed from the source, not stored
         self.served = 0  # body bytes the consumer sent on
 
     @property
@@ -311,16 +345,21 @@ class NarHandle:
     @property
     def path(self) -> Path | None:
         """The committed file, None while it is being fetched."""
-        return None if self.transfer else self._owner.store.nar_path(self.row.file)
+        if self.transfer or self._uncached:
+            return None
+        return self._owner.store.nar_path(self.row.file)
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """The bytes of a live transfer as they arrive and are verified."""
+        """The bytes of a live transfer (or an uncached stream) as they arrive and are
+        verified."""
+        if self._uncached is not None:
+            return passthrough(self._owner.store, self.row.expected(), self._uncached)
         assert self.transfer is not None
         return self.transfer.stream()
 
     async def __aenter__(self) -> "NarHandle":
         self._owner._acquire(self.row.file)
-        if self.transfer is None:
+        if self.transfer is None and self._uncached is None:
             self._owner.store.touch_nar(self.row.file)
         if self.source == "coalesced":
             metrics.COALESCED_WAITERS.inc()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from agent import metrics
 from agent.config import Config, parse_size
 from agent.store.gc import GcResult, collect
+from agent.store.space import out_of_space
 from agent.store.store import Store
 from agent.store.verify import Scrubber
 
@@ -40,8 +41,12 @@ async def _repeat(chore: Chore) -> None:
     while True:
         try:
             await chore.run()
-        except Exception:
-            log.exception("upkeep failed", extra={"fields": {"chore": chore.name}})
+        except Exception as e:
+            if out_of_space(e):  # expected on a full disk: retried at the next turn
+                log.warning("upkeep postponed: disk full", extra={"fields": {
+                    "chore": chore.name, "error": str(e)}})
+            else:
+                log.exception("upkeep failed", extra={"fields": {"chore": chore.name}})
         await asyncio.sleep(chore.every)
 
 
@@ -53,11 +58,24 @@ class Upkeep:
         self.busy = busy
         self.config = config
         self._scrubber = Scrubber(store, parse_size(config.scrub_rate))
+        self._warned = False
+        self.budget_exceeds_disk = False
 
     def budget(self) -> int:
-        return self.config.budget_bytes(self.store.filesystem_bytes())
+        """The configured budget; a warning when it is more than the disk can hold (the disk
+        would fill up before eviction starts)."""
+        budget = self.config.budget_bytes(self.store.filesystem_bytes())
+        self.budget_exceeds_disk = budget > self.store.used_bytes() + self.store.free_bytes()
+        if self.budget_exceeds_disk and not self._warned:
+            log.warning("store budget is more than the disk can hold: the disk fills before "
+                        "eviction starts; lower --store-budget", extra={"fields": {
+                            "budget": budget, "used": self.store.used_bytes(),
+                            "free": self.store.free_bytes()}})
+        self._warned = self.budget_exceeds_disk
+        return budget
 
     async def collect_garbage(self, *, dry_run: bool = False, force: bool = False) -> GcResult:
+        await self.store.run_io(self.store.measure_overhead)
         budget = self.budget()
         metrics.STORE_BUDGET.set(budget)
         cfg = self.config
@@ -76,17 +94,24 @@ class Upkeep:
         async def flush_access() -> None:
             store.flush_access()
 
-        async def tidy() -> None:
-            store.check_disk_recovered()
+        async def disk() -> None:
+            await store.run_io(store.check_disk_recovered)
+
+        async def drop_replaced() -> None:
             store.drop_replaced(cfg.recompress_grace)
+
+        async def forget_pending() -> None:
             store.forget_stale_pending(PENDING_TTL)
 
         async def scrub_later() -> None:
             await asyncio.sleep(cfg.scrub_interval)  # not at start: the last pass was recent
             await self.scrub()
 
+        # Separate chores: one that fails (a full disk) never skips the others.
         chores = [Chore("access", ACCESS_FLUSH_INTERVAL, flush_access),
-                  Chore("tidy", cfg.gc_interval, tidy),
+                  Chore("disk", cfg.gc_interval, disk),
+                  Chore("drop_replaced", cfg.gc_interval, drop_replaced),
+                  Chore("forget_pending", cfg.gc_interval, forget_pending),
                   Chore("gc", cfg.gc_interval, self.collect_garbage)]
         if cfg.scrub_interval > 0:
             chores.append(Chore("scrub", 0, scrub_later))

@@ -63,7 +63,7 @@ def test_every_field_is_a_setting_with_a_generated_flag_and_help() -> None:
 def test_defaults_in_help_follow_the_field_defaults() -> None:
     help_text = " ".join(run_parser().format_help().split())  # unwrapped
     assert "default 30; $FLOX_NODE_CACHE_NEGATIVE_TTL" in help_text
-    assert "default 80%; $FLOX_NODE_CACHE_STORE_BUDGET" in help_text
+    assert "default 25%; $FLOX_NODE_CACHE_STORE_BUDGET" in help_text
     assert f"default {', '.join(DEFAULT_UPSTREAMS)}; $FLOX_NODE_CACHE_UPSTREAM" in help_text
 
 

@@ -7,6 +7,7 @@ fetch and a resolve, and only a changed live generation is handed to `run`'s `on
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,14 @@ from agent.flox.floxhub import EnvRef, FloxHub, FloxHubError, ResolvedEnv
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+# A pin holder is named after the ref it pins ("pod:acme/web:7", "env:acme/web",
+# "prewarm:<name>:acme/web:7"); one ending in an explicit generation stays on it.
+_GENERATION_REF = re.compile(r"[^/:\s]+/[^/:\s]+:\d+$")
+
+
+def holds_a_generation(holder: str) -> bool:
+    """True when `holder` pins an explicit generation: a new live one must not move it."""
+    return bool(_GENERATION_REF.search(holder))
 
 
 @dataclass

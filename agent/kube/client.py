@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from kubernetes_asyncio import config
 from kubernetes_asyncio.client import ApiClient, Configuration
+
+from agent.config import in_cluster
 
 # The custom resource this project defines.
 GROUP = "nodecache.flox.dev"
@@ -43,3 +46,21 @@ async def make_api_client(kubeconfig: str | None) -> ApiClient:
     except config.ConfigException as e:
         raise KubeConfigError(f"cannot configure the Kubernetes client: {e}") from e
     return ApiClient(configuration=cfg)
+
+
+def cli_kubeconfig(explicit: str | None) -> str | None:
+    """The kubeconfig a command-line user means: --kubeconfig, else the existing files of
+    $KUBECONFIG (merged, as kubectl does), else ~/.kube/config; None means in-cluster."""
+    if explicit:
+        return explicit
+    listed = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep)
+              if p and Path(p).expanduser().is_file()]
+    if listed:
+        return os.pathsep.join(listed)
+    home = Path("~/.kube/config").expanduser()
+    if home.is_file():
+        return str(home)
+    if not in_cluster():
+        raise KubeConfigError("no kubeconfig: give --kubeconfig, set $KUBECONFIG or create "
+                              "~/.kube/config (or run in a pod with a service account)")
+    return None

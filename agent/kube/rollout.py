@@ -2,11 +2,15 @@
 
 The rollout gate: `flox-node-cache prewarm --cluster owner/env --wait && kubectl rollout ...`.
 
-Exit codes of `prewarm_cluster`:
+Exit codes of `prewarm_cluster` (the README's table):
   0  every matching node reported Ready for the current generation (or wait=False);
   1  at least one node reported Failed (for a reason other than the deadline);
-  2  timeout: some nodes were not Ready by the deadline (none failed otherwise);
-  3  no node matches (label flox.dev/enabled=true plus the selector) while waiting.
+  2  the API server rejected the EnvironmentPrewarm (e.g. the CRD's schema: a bad ref);
+  4  timeout: some nodes were not Ready by the deadline (none failed otherwise);
+  5  no node matches (label flox.dev/enabled=true plus the selector) while waiting;
+  6  cannot talk to the cluster (no kubeconfig, unreachable until the deadline) or not allowed.
+`timeout` bounds the whole command, every request included; transient API errors are retried
+until then.
 A node counts only once it reports `observedGeneration` equal to the resource's generation, so
 a Ready left over from an earlier run never opens the gate.
 """
@@ -16,24 +20,41 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient, CoreV1Api, CustomObjectsApi
-from kubernetes_asyncio.client.exceptions import ApiException
 from rich.console import Console
 from rich.filesize import decimal
 from rich.live import Live
 from rich.table import Table
 
-from agent.kube.client import ENABLED_LABEL, GROUP, KIND, PLURAL, VERSION, make_api_client
+from agent import exits
+from agent.kube.calls import (
+    EXIT_CLUSTER,
+    EXIT_USAGE,
+    ClusterError,
+    Deadline,
+    DeadlineExceeded,
+)
+from agent.kube.client import (
+    ENABLED_LABEL,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    KubeConfigError,
+    cli_kubeconfig,
+    make_api_client,
+)
 from agent.kube.prewarm import DEADLINE_EXCEEDED, MERGE_PATCH
 
 Obj = dict[str, Any]
 # 2 and 3 keep their CLI-wide meanings (usage error, unreachable); these are specific.
-EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT, EXIT_NO_NODES = 0, 1, 4, 5
+EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT, EXIT_NO_NODES = (exits.OK, exits.FAILED, exits.TIMED_OUT,
+                                                  exits.NO_NODES)
 POLL_INTERVAL = 1.0
 
 
@@ -48,31 +69,35 @@ def _rfc3339(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def apply_prewarm(custom: CustomObjectsApi, name: str, spec: Obj) -> Obj:
+async def apply_prewarm(custom: CustomObjectsApi, name: str, spec: Obj,
+                        deadline: Deadline) -> Obj:
     """Create the resource, or merge-patch the spec of an existing one; returns the object."""
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name},
             "spec": spec}
     try:
-        return await custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
-    except ApiException as e:
-        if e.status != 409:
+        return await deadline.call(custom.create_cluster_custom_object, GROUP, VERSION, PLURAL,
+                                   body)
+    except ClusterError as e:
+        if e.status != 409:  # AlreadyExists (maybe our own create, retried)
             raise
-    old = await custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    old = await deadline.call(custom.get_cluster_custom_object, GROUP, VERSION, PLURAL, name)
     patch_spec = dict(spec)
     # a merge patch merges maps: null out the selector keys the new spec no longer has
     old_sel = (old.get("spec") or {}).get("nodeSelector") or {}
     patch_spec["nodeSelector"] = {**{k: None for k in old_sel}, **spec.get("nodeSelector", {})}
-    for key in ("system",):
+    for key in ("system", "ttlSecondsAfterFinished"):
         if key not in spec and key in (old.get("spec") or {}):
             patch_spec[key] = None
-    return await custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name,
-                                                    {"spec": patch_spec},
-                                                    _content_type=MERGE_PATCH)
+    return await deadline.call(custom.patch_cluster_custom_object, GROUP, VERSION, PLURAL,
+                               name, {"spec": patch_spec}, _content_type=MERGE_PATCH)
 
 
-async def matching_nodes(core: CoreV1Api, selector: dict[str, str]) -> list[str]:
+async def matching_nodes(core: CoreV1Api, selector: dict[str, str],
+                         deadline: Deadline) -> list[str]:
     labels = {ENABLED_LABEL: "true", **selector}
-    nodes = await core.list_node(label_selector=",".join(f"{k}={v}" for k, v in labels.items()))
+    nodes = await deadline.call(  # the watch cache is recent enough to know whom to wait for
+        core.list_node, label_selector=",".join(f"{k}={v}" for k, v in labels.items()),
+        resource_version="0")
     return sorted(n.metadata.name for n in nodes.items)
 
 
@@ -126,18 +151,26 @@ def verdict(states: dict[str, NodeState], *, timed_out: bool) -> int | None:
     return None
 
 
-async def wait_ready(api: ApiClient, name: str, selector: dict[str, str], deadline: float,
+async def wait_ready(api: ApiClient, name: str, selector: dict[str, str], deadline: Deadline,
                      console: Console, poll: float = POLL_INTERVAL) -> int:
     custom, core = CustomObjectsApi(api), CoreV1Api(api)
+    states: dict[str, NodeState] | None = None
     with Live(console=console, auto_refresh=False, transient=False) as live:
         while True:
-            nodes = await matching_nodes(core, selector)  # nodes may join or leave meanwhile
-            if not nodes:
-                console.print("[red]no node matches any more[/red]")
-                return EXIT_NO_NODES
-            obj = await custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-            states = node_states(obj, nodes)
-            remaining = deadline - time.time()
+            try:
+                nodes = await matching_nodes(core, selector, deadline)  # nodes join and leave
+                obj = await deadline.call(custom.get_cluster_custom_object, GROUP, VERSION,
+                                          PLURAL, name)
+            except DeadlineExceeded:
+                if states is None:
+                    raise  # never got an answer: cannot reach the cluster
+                # else the last state seen decides, naming the late nodes
+            else:
+                if not nodes:
+                    console.print("[red]no node matches any more[/red]")
+                    return EXIT_NO_NODES
+                states = node_states(obj, nodes)
+            remaining = deadline.remaining()
             live.update(render(name, states, remaining), refresh=True)
             code = verdict(states, timed_out=remaining <= 0)
             if code is not None:
@@ -158,29 +191,75 @@ def _summary(console: Console, states: dict[str, NodeState], code: int) -> None:
 
 async def prewarm_cluster(*, refs: list[str], selector: dict[str, str], pin: bool, wait: bool,
                           timeout: float, kubeconfig: str | None, name: str | None,
-                          console: Console, poll: float = POLL_INTERVAL) -> int:
+                          console: Console, poll: float = POLL_INTERVAL,
+                          ttl: float | None = None) -> int:
     """Create/update the EnvironmentPrewarm; with `wait`, gate on every matching node."""
-    name = name or resource_name(refs)
-    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
-    spec = {"environments": list(refs), "nodeSelector": dict(selector), "pin": pin,
-            "deadline": _rfc3339(deadline)}
-    api = await make_api_client(kubeconfig)
+    deadline = Deadline(timeout)
+    return await _with_api(kubeconfig, console, lambda api: _prewarm_cluster(
+        api, refs, selector, pin, wait, timeout, name, deadline, console, poll, ttl))
+
+
+async def delete_prewarm(name: str, *, timeout: float, kubeconfig: str | None,
+                         console: Console) -> int:
+    """Delete an EnvironmentPrewarm: every node releases its pins (nodes down meanwhile do
+    when they return)."""
+    deadline = Deadline(timeout)
+
+    async def delete(api: ApiClient) -> int:
+        try:
+            await deadline.call(CustomObjectsApi(api).delete_cluster_custom_object, GROUP,
+                                VERSION, PLURAL, name)
+        except ClusterError as e:
+            if e.status != 404:
+                raise
+            console.print(f"[red]error:[/] EnvironmentPrewarm {name} not found")
+            return EXIT_USAGE
+        console.print(f"EnvironmentPrewarm [bold]{name}[/bold] deleted; its pins are released "
+                      "on every node")
+        return EXIT_OK
+
+    return await _with_api(kubeconfig, console, delete)
+
+
+async def _with_api(kubeconfig: str | None, console: Console,
+                    run: Callable[[ApiClient], Awaitable[int]]) -> int:
+    """Run a command against the cluster; configuration and API errors are one-line messages
+    with their exit code."""
     try:
-        nodes = await matching_nodes(CoreV1Api(api), selector)
-        if not nodes and wait:
-            console.print(f"[red]no Flox node matches ({ENABLED_LABEL}=true"
-                          + "".join(f", {k}={v}" for k, v in selector.items())
-                          + "): nothing to wait for[/red]")
-            return EXIT_NO_NODES
-        obj = await apply_prewarm(CustomObjectsApi(api), name, spec)
-        gen = obj["metadata"].get("generation")
-        console.print(f"EnvironmentPrewarm [bold]{name}[/bold] (generation {gen}) targets "
-                      f"{len(nodes)} node(s)")
-        if not nodes:
-            console.print("[yellow]no Flox node matches yet; nodes that join will act on it"
-                          "[/yellow]")
-        if not wait:
-            return EXIT_OK
-        return await wait_ready(api, name, selector, deadline.timestamp(), console, poll)
+        api = await make_api_client(cli_kubeconfig(kubeconfig))
+    except KubeConfigError as e:
+        console.print(f"[red]error:[/] {e}")
+        return EXIT_CLUSTER
+    try:
+        return await run(api)
+    except ClusterError as e:
+        console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        return e.code
     finally:
         await api.close()
+
+
+async def _prewarm_cluster(api: ApiClient, refs: list[str], selector: dict[str, str], pin: bool,
+                           wait: bool, timeout: float, name: str | None, deadline: Deadline,
+                           console: Console, poll: float, ttl: float | None) -> int:
+    name = name or resource_name(refs)
+    spec: Obj = {"environments": list(refs), "nodeSelector": dict(selector), "pin": pin,
+                 "deadline": _rfc3339(datetime.now(UTC) + timedelta(seconds=timeout))}
+    if ttl is not None:
+        spec["ttlSecondsAfterFinished"] = int(ttl)
+    nodes = await matching_nodes(CoreV1Api(api), selector, deadline)
+    if not nodes and wait:
+        console.print(f"[red]no Flox node matches ({ENABLED_LABEL}=true"
+                      + "".join(f", {k}={v}" for k, v in selector.items())
+                      + "): nothing to wait for[/red]")
+        return EXIT_NO_NODES
+    obj = await apply_prewarm(CustomObjectsApi(api), name, spec, deadline)
+    gen = obj["metadata"].get("generation")
+    console.print(f"EnvironmentPrewarm [bold]{name}[/bold] (generation {gen}) targets "
+                  f"{len(nodes)} node(s)")
+    if not nodes:
+        console.print("[yellow]no Flox node matches yet; nodes that join will act on it"
+                      "[/yellow]")
+    if not wait:
+        return EXIT_OK
+    return await wait_ready(api, name, selector, deadline, console, poll)

@@ -1,11 +1,17 @@
 """One list+watch loop for every resource the agent follows (an informer without a cache).
 
-List (paginated) gives the full state and a resourceVersion; the watch continues from it with
-bookmarks on, so a dropped stream resumes from the last resourceVersion seen and no event is
-lost. 410 Gone (history compacted) means the gap cannot be replayed: relist and let the
-handler diff the full state against what it knew. Errors back off exponentially with jitter;
-a stream that closes immediately also backs off, so a misbehaving proxy cannot cause a busy
-loop.
+List gives the full state and a resourceVersion; the watch continues from it with bookmarks
+on, so a dropped stream resumes from the last resourceVersion seen and no event is lost. Lists
+ask for resourceVersion=0 (the API server's watch cache, no quorum read: a slightly old state is
+fine, the watch brings it up to date). When that cached state turns out older than the
+server's history (the watch from it, or a page, is 410), the next list is a paginated quorum
+read. 410 Gone on a later watch (history compacted) means the gap cannot be replayed: relist
+and let the handler diff the full state against what it knew.
+
+Errors, 410s and streams that close at once back off exponentially with jitter (as client-go's
+reflector does), at least as long as a 429/503's Retry-After says. The server sends a bookmark
+about every minute, so a stream silent for `read_timeout` (90-120 s) is dead: it is dropped and
+resumed. Every list has a timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, NoReturn, Protocol
 
 import aiohttp
 
+from agent.kube.health import WatcherHealth
 from agent.metrics import KUBE_WATCH_RESTARTS
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,8 @@ class WatchHandler(Protocol):
 @dataclass
 class WatchOptions:
     timeout_seconds: int = 300  # server-side end of a watch; we then resume from the last RV
+    read_timeout: float = 100.0  # no byte (not even a bookmark) for this long: the stream is dead
+    request_timeout: float = 60.0  # a list (one page)
     page_size: int = 500
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
@@ -51,9 +60,9 @@ class Gone(Exception):
 
 
 class ApiStatusError(Exception):
-    def __init__(self, status: int, body: str) -> None:
+    def __init__(self, status: int, body: str, retry_after: float = 0.0) -> None:
         super().__init__(f"HTTP {status}: {body[:300]}")
-        self.status = status
+        self.status, self.retry_after = status, retry_after
 
 
 @dataclass
@@ -79,53 +88,73 @@ class ListWatch:
     handler: WatchHandler
     params: dict[str, Any] = field(default_factory=dict)  # selectors etc.
     options: WatchOptions = field(default_factory=WatchOptions)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # set after the first resync
+    health: WatcherHealth | None = None
     rv: str | None = None
+    quorum: bool = False  # the next list must not come from the cache (it was too old)
+
+    def __post_init__(self) -> None:
+        self.health = self.health or WatcherHealth(self.resource)
 
     async def run(self) -> NoReturn:
         backoff = Backoff(self.options.backoff_base, self.options.backoff_cap)
         while True:
-            reason, pause = await self._cycle(backoff)
+            reason, wait = await self._cycle(backoff)
             KUBE_WATCH_RESTARTS.labels(resource=self.resource, reason=reason).inc()
-            if pause:
-                await asyncio.sleep(backoff.next_delay())
+            if wait is not None:
+                await asyncio.sleep(max(wait, backoff.next_delay()))
 
-    async def _cycle(self, backoff: Backoff) -> tuple[str, bool]:
-        """List if needed, then watch once; returns (restart reason, whether to back off)."""
+    async def _cycle(self, backoff: Backoff) -> tuple[str, float | None]:
+        """List if needed, then watch once; returns (restart reason, at least how long to
+        wait before the next cycle, or None to go on at once)."""
+        assert self.health is not None
+        listing = self.rv is None
         try:
-            if self.rv is None:
+            if listing:
                 await self._relist()
             started = time.monotonic()
             events = await self._watch_once()
         except asyncio.CancelledError:
             raise
         except Gone:
-            log.info("watch expired, relisting", extra={"fields": {"resource": self.resource}})
+            log.info("resourceVersion expired, relisting",
+                     extra={"fields": {"resource": self.resource}})
+            self.quorum = listing  # a cached list was older than the history: read etcd
             self.rv = None
-            return "expired", False
+            return "expired", 0.0
+        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
+            self.health.failed(f"timeout: {str(e) or 'no data'}")
+            log.warning("watch timed out", extra={"fields": {"resource": self.resource}})
+            return "timeout", 0.0
         except Exception as e:
+            self.health.failed(str(e))
             log.warning("watch failed: %s", e, extra={"fields": {"resource": self.resource}})
-            return "error", True
-        quick = events == 0 and time.monotonic() - started < self.options.min_stream_seconds
-        if not quick:
-            backoff.reset()
-        return "closed", quick
+            return "error", getattr(e, "retry_after", 0.0)
+        self.health.watched()
+        if events == 0 and time.monotonic() - started < self.options.min_stream_seconds:
+            return "closed", 0.0
+        backoff.reset()
+        return "closed", None
 
     async def _relist(self) -> None:
         items, rv = await self._list()
+        assert self.health is not None
+        self.health.listed()
         await self._call(self.handler.resync(items))
         self.rv = rv
-        self.ready.set()
 
     async def _list(self) -> tuple[list[Obj], str]:
         items: list[Obj] = []
         cont: str | None = None
+        cached, self.quorum = not self.quorum, False
         while True:
             kw = dict(self.params, limit=self.options.page_size)
             if cont:
                 kw["_continue"] = cont
-            resp = await self.list_fn(**kw, _preload_content=False,
-                                      _request_timeout=aiohttp.ClientTimeout(total=60))
+            elif cached:
+                kw["resource_version"] = "0"
+            resp = await self.list_fn(
+                **kw, _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=self.options.request_timeout))
             body = await _read_json(resp)
             items.extend(body.get("items") or [])
             cont = body.get("metadata", {}).get("continue")
@@ -138,8 +167,9 @@ class ListWatch:
         resp = await self.list_fn(
             **self.params, watch=True, resource_version=self.rv, allow_watch_bookmarks=True,
             timeout_seconds=timeout, _preload_content=False,
-            # guard against a half-open connection the server can no longer close
-            _request_timeout=aiohttp.ClientTimeout(sock_connect=30, sock_read=timeout + 30))
+            # the server sends bookmarks about every minute: silence this long means dead
+            _request_timeout=aiohttp.ClientTimeout(sock_connect=self.options.request_timeout,
+                                                   sock_read=self.options.read_timeout))
         count = 0
         try:
             if resp.status != 200:
@@ -154,7 +184,11 @@ class ListWatch:
         event = json.loads(line)
         type_, obj = event.get("type"), event.get("object") or {}
         if type_ == "ERROR":
-            _raise_status(int(obj.get("code") or 500), json.dumps(obj))
+            details = obj.get("details") or {}
+            _raise_status(int(obj.get("code") or 500), json.dumps(obj),
+                          float(details.get("retryAfterSeconds") or 0))
+        assert self.health is not None
+        self.health.watched()  # an event or a bookmark: the stream is alive
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         if type_ == "BOOKMARK":
             self.rv = rv or self.rv
@@ -193,11 +227,20 @@ async def _read_json(resp: Any) -> Obj:
     finally:
         resp.release()
     if resp.status != 200:
-        _raise_status(resp.status, raw.decode(errors="replace"))
+        _raise_status(resp.status, raw.decode(errors="replace"),
+                      retry_after(resp.headers.get("Retry-After")))
     return json.loads(raw)
 
 
-def _raise_status(status: int, body: str) -> NoReturn:
+def retry_after(header: str | None) -> float:
+    """Seconds of a Retry-After header (0 when absent or not a number of seconds)."""
+    try:
+        return max(0.0, float(header or 0))
+    except ValueError:
+        return 0.0
+
+
+def _raise_status(status: int, body: str, wait: float = 0.0) -> NoReturn:
     if status == 410:
         raise Gone(body)
-    raise ApiStatusError(status, body)
+    raise ApiStatusError(status, body, wait)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from agent.kube import health as kube_health
 from agent.readthrough import Source
 from agent.store.store import Store
 
@@ -25,13 +26,15 @@ def routes(store: Store, sources: list[Source],
         ready = True
         try:
             store.counts()
-            checks["index"] = "ok"
+            # Read-only: a full disk left no room to open it; hits are still served.
+            checks["index"] = "read_only" if store.read_only else "ok"
         except Exception as e:  # the index is unusable: nothing can be served
             checks["index"] = f"error: {e}"
             ready = False
         checks["disk"] = "full" if store.disk_full else "ok"
         checks["free_bytes"] = store.free_bytes()
         checks["upstreams"] = source_states(sources)
+        checks["kubernetes"] = kube_health.status()  # per-watcher health, never unready
         if peers is not None:
             checks["peers"] = peers()
         degraded = store.disk_full or any(s.breaker.is_open for s in sources)

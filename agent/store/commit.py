@@ -53,12 +53,19 @@ def write_atomic(layout: Layout, dest: Path, data: bytes) -> None:
         raise
 
 
+def clear_temp_files(layout: Layout) -> int:
+    """Delete what an unclean stop left in `.tmp/`; returns how many."""
+    leftovers = list(layout.tmp.iterdir())
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    if leftovers:
+        log.info("temporary files removed", extra={"fields": {"files": len(leftovers)}})
+    return len(leftovers)
+
+
 def recover(layout: Layout, index: Index) -> dict[str, int]:
     """Bring disk and index back into agreement after an unclean stop."""
-    stats = {"temp_files": 0, "adopted": 0, "orphans": 0, "dangling": 0}
-    for leftover in layout.tmp.iterdir():
-        leftover.unlink(missing_ok=True)
-        stats["temp_files"] += 1
+    stats = {"temp_files": clear_temp_files(layout), "adopted": 0, "orphans": 0, "dangling": 0}
 
     # NAR files: a file renamed into nar/ was verified before the rename, so a pending row
     # with the same size is adopted; a file the index does not know is an orphan.

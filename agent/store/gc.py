@@ -45,13 +45,15 @@ def collect(store: Store, budget: int, *, low: float, high: float, busy: Callabl
         if nar.file in busy():
             continue
         size = nar.file_size or 0
-        if not dry_run:
-            store.remove_nar(nar.file)
-            metrics.EVICTIONS.labels("nar").inc()
-            metrics.EVICTED_BYTES.inc(size)
         result.evicted_files.append(nar.file)
         result.evicted_bytes += size
         result.used_after -= size
+    if not dry_run and result.evicted_files:
+        # All at once: on a full disk the files go first, and together they make room for
+        # the index's own delete.
+        store.remove_nars(result.evicted_files)
+        metrics.EVICTIONS.labels("nar").inc(len(result.evicted_files))
+        metrics.EVICTED_BYTES.inc(result.evicted_bytes)
     result.seconds = time.monotonic() - start
     if not dry_run:
         metrics.GC_DURATION.observe(result.seconds)

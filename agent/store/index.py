@@ -5,6 +5,7 @@ file, however many narinfos point to it, so its size is counted once. A row with
 known from an upstream narinfo but not on disk yet (the NAR will be fetched on first request).
 """
 
+import contextlib
 import functools
 import json
 import sqlite3
@@ -110,16 +111,23 @@ def _locked(method):  # type: ignore[no-untyped-def]
 
 
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """read_only: a last resort when a full disk leaves no room for SQLite's -shm file;
+        the main file is read as it is (what only its WAL holds is not seen) and every write
+        fails as if the disk were full."""
         self.path = path
         self._lock = threading.RLock()
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30,
-                                  check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=OFF")
-        self.db.executescript(SCHEMA)
-        _migrate(self.db)
+        if read_only:
+            self.db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True,
+                                      isolation_level=None, check_same_thread=False)
+        else:
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=OFF")
+            self.db.executescript(SCHEMA)
+            _migrate(self.db)
         # Committed narinfos by hash: a hit is served without a query. Every method that
         # rewrites or removes a committed narinfo drops its entry.
         self._cache: dict[str, NarInfoRow] = {}
@@ -131,7 +139,8 @@ class Index:
 
     @_locked
     def close(self) -> None:
-        self.flush_access()
+        with contextlib.suppress(sqlite3.OperationalError):  # a full disk: the times are lost
+            self.flush_access()
         self.db.close()
 
     @contextmanager
@@ -140,10 +149,12 @@ class Index:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                # Also after a failed COMMIT (a full disk), which leaves the transaction open.
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
 
     # --- narinfos and NARs -----------------------------------------------------------------
 
@@ -299,11 +310,18 @@ class Index:
     @_locked
     def remove_nar(self, file: str) -> list[str]:
         """Remove a NAR and every narinfo that points to it; returns the narinfo hashes."""
+        return self.remove_nars([file])
+
+    @_locked
+    def remove_nars(self, files: Iterable[str]) -> list[str]:
+        """remove_nar for several NARs, in one transaction."""
+        hashes: list[str] = []
         with self.transaction() as db:
-            hashes = [r[0] for r in db.execute("SELECT hash FROM narinfos WHERE nar_file = ?",
-                                               (file,))]
-            db.execute("DELETE FROM narinfos WHERE nar_file = ?", (file,))
-            db.execute("DELETE FROM nars WHERE file = ?", (file,))
+            for file in files:
+                hashes += [r[0] for r in db.execute(
+                    "SELECT hash FROM narinfos WHERE nar_file = ?", (file,))]
+                db.execute("DELETE FROM narinfos WHERE nar_file = ?", (file,))
+                db.execute("DELETE FROM nars WHERE file = ?", (file,))
         self._uncache(hashes)
         return hashes
 
@@ -322,11 +340,16 @@ class Index:
             return
         nars, infos = self._touched_nars, self._touched_narinfos
         self._touched_nars, self._touched_narinfos = {}, {}
-        with self.transaction() as db:
-            db.executemany("UPDATE nars SET last_access = ? WHERE file = ?",
-                           [(t, f) for f, t in nars.items()])
-            db.executemany("UPDATE narinfos SET last_access = ? WHERE hash = ?",
-                           [(t, h) for h, t in infos.items()])
+        try:
+            with self.transaction() as db:
+                db.executemany("UPDATE nars SET last_access = ? WHERE file = ?",
+                               [(t, f) for f, t in nars.items()])
+                db.executemany("UPDATE narinfos SET last_access = ? WHERE hash = ?",
+                               [(t, h) for h, t in infos.items()])
+        except sqlite3.OperationalError:  # a full disk: kept for the next flush
+            self._touched_nars = {**nars, **self._touched_nars}
+            self._touched_narinfos = {**infos, **self._touched_narinfos}
+            raise
 
     # --- totals ----------------------------------------------------------------------------
 
@@ -334,6 +357,13 @@ class Index:
     def used_bytes(self) -> int:
         return self.db.execute("SELECT COALESCE(SUM(file_size), 0) FROM nars "
                                "WHERE committed = 1").fetchone()[0]
+
+    @_locked
+    def replaced_bytes(self) -> tuple[int, float | None]:
+        """Bytes of old encodings kept for their grace period, and when the oldest was
+        replaced (None if there is none)."""
+        return self.db.execute("SELECT COALESCE(SUM(file_size), 0), MIN(replaced_at) FROM nars "
+                               "WHERE committed = 1 AND replaced_by IS NOT NULL").fetchone()
 
     @_locked
     def counts(self) -> dict[str, int]:
@@ -423,14 +453,22 @@ class Index:
 
     @_locked
     def eviction_candidates(self) -> list[NarRow]:
-        """Committed NARs, least recently used first, that no pinned narinfo points to."""
-        self.flush_access()
+        """Committed NARs, least recently used first, that no pinned narinfo points to.
+
+        Uses not yet flushed count too, so eviction never needs a write before it can
+        delete (on a full disk that write would fail)."""
         rows = self.db.execute(
-            f"SELECT {_NAR_COLS} FROM nars n WHERE committed = 1 AND NOT EXISTS ("
-            "SELECT 1 FROM narinfos i JOIN pins p ON p.hash = i.hash WHERE i.nar_file = n.file) "
-            "ORDER BY MAX(n.last_access, COALESCE((SELECT MAX(i.last_access) FROM narinfos i "
-            "WHERE i.nar_file = n.file), 0))")
-        return [_nar_row(r) for r in rows.fetchall()]
+            f"SELECT {_NAR_COLS}, MAX(n.last_access, COALESCE((SELECT MAX(i.last_access) "
+            "FROM narinfos i WHERE i.nar_file = n.file), 0)) FROM nars n WHERE committed = 1 "
+            "AND NOT EXISTS (SELECT 1 FROM narinfos i JOIN pins p ON p.hash = i.hash "
+            "WHERE i.nar_file = n.file)").fetchall()
+        recent = dict(self._touched_nars)
+        for hash_part, t in self._touched_narinfos.items():
+            info = self._cache.get(hash_part) or self._narinfo(hash_part)
+            if info is not None:
+                recent[info.nar_file] = max(t, recent.get(info.nar_file, 0.0))
+        rows.sort(key=lambda r: max(r[-1], recent.get(r[0], 0.0)))
+        return [_nar_row(r) for r in rows]
 
 
 @dataclass(frozen=True)

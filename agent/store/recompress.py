@@ -11,6 +11,8 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import zstandard
@@ -21,7 +23,9 @@ from agent.nix.hashes import Hash
 from agent.nix.verify import NarVerifier, VerificationError
 from agent.store.index import NarRow
 from agent.store.layout import nar_file_name
+from agent.store.space import out_of_space
 from agent.store.store import Store
+from agent.store.transfer import NarOpener
 
 log = logging.getLogger(__name__)
 READ = 1 << 20
@@ -51,12 +55,17 @@ class Recompressor:
             file = await self.queue.get()
             try:
                 await self.store.run_io(self.recompress, file)
-            except Exception:
-                log.exception("re-encoding failed", extra={"fields": {"file": file}})
+                self.store.drop_replaced(self.grace)
+            except Exception as e:
                 metrics.RECOMPRESSIONS.labels("error").inc()
+                if out_of_space(e):  # the original stays; nothing is lost
+                    self.store.set_disk_full(True)
+                    log.warning("re-encoding skipped: disk full", extra={"fields": {
+                        "file": file}})
+                else:
+                    log.exception("re-encoding failed", extra={"fields": {"file": file}})
             finally:
                 self.queue.task_done()
-            self.store.drop_replaced(self.grace)
 
     def recompress(self, file: str) -> None:
         old = self.store.nar_row(file)
@@ -81,21 +90,20 @@ class Recompressor:
                                                  "bytes_before": old.file_size, "bytes": size}})
 
     def _encode(self, source: os.PathLike, compression: str, fd: int) -> tuple[Hash, int]:
-        dec = decoder(compression)
+        step = Transcoder(compression, self.target, self.level)
         digest = hashlib.sha256()
+        size = 0
         with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
-            hashing = _HashingWriter(out, digest)
-            sink = hashing if self.target == "none" else \
-                zstandard.ZstdCompressor(level=self.level).stream_writer(hashing, closefd=False)
-            while chunk := src.read(READ):
-                for data in dec.feed(chunk):
-                    sink.write(data)
-            for data in dec.finish():
-                sink.write(data)
-            if sink is not hashing:
-                sink.flush(zstandard.FLUSH_FRAME)
-                sink.close()
-        return Hash("sha256", digest.digest()), hashing.size
+            chunk = src.read(READ)
+            while True:
+                for data in step.feed(chunk) if chunk else step.finish():
+                    digest.update(data)
+                    size += len(data)
+                    out.write(data)
+                if not chunk:
+                    break
+                chunk = src.read(READ)
+        return Hash("sha256", digest.digest()), size
 
     def _verify(self, tmp: os.PathLike, old: NarRow, file_hash: Hash, size: int) -> None:
         expected = replace(old.expected(), compression=self.target, file_hash=file_hash,
@@ -107,16 +115,78 @@ class Recompressor:
         verifier.finish()
 
 
-class _HashingWriter:
-    """A file-like sink that hashes and counts what the zstd writer emits."""
+class Transcoder:
+    """Decode one encoding and encode another, a chunk at a time (bounded memory). The same
+    code re-encodes a stored NAR and a refetched original, so both give the same bytes (zstd
+    is deterministic for a level, whatever the chunking)."""
 
-    def __init__(self, out, digest) -> None:  # type: ignore[no-untyped-def]
-        self.out, self.digest, self.size = out, digest, 0
+    def __init__(self, source: str, target: str, level: int) -> None:
+        self._decoder = decoder(source)
+        self._encoder = None if target == "none" else \
+            zstandard.ZstdCompressor(level=level).compressobj()
 
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return self.out.write(data)
+    def _encode(self, parts: Iterator[bytes]) -> Iterator[bytes]:
+        for part in parts:  # one bounded decoder step at a time
+            data = part if self._encoder is None else self._encoder.compress(part)
+            if data:
+                yield data
 
-    def flush(self) -> None:
-        self.out.flush()
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        return self._encode(self._decoder.feed(chunk))
+
+    def finish(self) -> Iterator[bytes]:
+        yield from self._encode(self._decoder.finish())
+        if self._encoder is not None:
+            yield self._encoder.flush()
+
+
+# How each encoding starts: a source's bytes are recognised, whatever its narinfo said.
+_MAGIC = {"xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd", "bzip2": b"BZh",
+          "gzip": b"\x1f\x8b", "none": b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1"}
+
+
+def sniff(head: bytes) -> str | None:
+    return next((name for name, magic in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def in_encoding(opener: NarOpener, target: str, level: int,
+                run_io: Callable[..., Awaitable[bytes | None]]) -> NarOpener:
+    """`opener`'s bytes in the `target` encoding: when the source holds the original of a
+    re-encoded NAR (xz upstream, zstd here), it is re-encoded on the way, off the event loop.
+    The caller verifies the result against the re-encoding's FileHash and NarHash."""
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[AsyncIterator[bytes]]:
+        async with opener() as chunks:
+            yield _transcoded(chunks, target, level, run_io)
+    return opened
+
+
+async def _transcoded(chunks: AsyncIterator[bytes], target: str, level: int,
+                      run_io: Callable[..., Awaitable[bytes | None]]) -> AsyncIterator[bytes]:
+    first = b""
+    async for first in chunks:
+        if first:
+            break
+    source = sniff(first)
+    if source is None or source == target or target not in SOURCES or source not in \
+            SOURCES[target]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+        return
+    step = Transcoder(source, target, level)
+    async for data in _steps(step.feed(first), run_io):
+        yield data
+    async for chunk in chunks:
+        async for data in _steps(step.feed(chunk), run_io):
+            yield data
+    async for data in _steps(step.finish(), run_io):
+        yield data
+
+
+async def _steps(parts: Iterator[bytes], run_io: Callable[..., Awaitable[bytes | None]]) \
+        -> AsyncIterator[bytes]:
+    """Each step of a (CPU-bound) transcoding generator, run off the event loop."""
+    while (data := await run_io(next, parts, None)) is not None:
+        yield data

@@ -7,9 +7,9 @@ and every change to it is a verb here (or of `Pins`, its pin and environment boo
 import asyncio
 import functools
 import logging
-import os
-import shutil
+import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,35 +17,79 @@ from typing import TypeVar
 
 from agent import metrics
 from agent.nix.hashes import Hash
-from agent.nix.narinfo import NarInfo
-from agent.store.commit import new_temp, publish, recover, write_atomic
+from agent.nix.narinfo import NarInfo, file_fields
+from agent.store.commit import clear_temp_files, new_temp, publish, recover, write_atomic
 from agent.store.index import Index, NarInfoRow, NarRow, PathFields
 from agent.store.layout import Layout, nar_file_name
 from agent.store.pins import Pins
+from agent.store.rebuild import open_index
+from agent.store.space import Space, out_of_space, overhead_bytes
+from agent.store.transfer import StoreFull
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Disk reads, hashing and decompression of NARs run here, off the event loop.
 IO_WORKERS = 16
+# NARs known but not in the index (evicted or lost with their source, or never recorded on a
+# full disk), remembered so a client holding their narinfo still gets the bytes.
+UNCACHED_ENTRIES = 10_000
 
 
 class Store:
     def __init__(self, root: Path, priority: int = 10, *, recover_on_open: bool = True) -> None:
-        """Open (creating) a store. The agent recovers from an unclean stop on open; tools that
-        run beside a live agent (`verify`) must not, as the agent's temporary files are live."""
+        """Open (creating) a store. The agent recovers from an unclean stop on open (and
+        rebuilds a corrupt index); tools that run beside a live agent (`verify`) must not, as
+        the agent's temporary files are live."""
         self.layout = Layout(root)
         self.layout.create()
-        self._index = Index(self.layout.index)
+        self.space = Space(self.layout)
+        self.read_only = False
+        if recover_on_open:  # a download cut short may be what filled the disk
+            clear_temp_files(self.layout)
+        self._index = self._open_index(heal=recover_on_open)
         self.pins = Pins(self._index)
         self.priority = priority
-        self.disk_full = False
         self._pool = ThreadPoolExecutor(max_workers=IO_WORKERS, thread_name_prefix="fnc-io")
+        self._uncached: OrderedDict[str, NarRow] = OrderedDict()
         # Only the process that recovered the store owns its temporary files.
         self._owns_temp_files = recover_on_open
-        if recover_on_open:
-            write_atomic(self.layout, self.layout.cache_info, self.cache_info().encode())
-            recover(self.layout, self._index)
+        if recover_on_open and not self.read_only:
+            try:
+                recover(self.layout, self._index)
+                self._write_cache_info()
+            except (OSError, sqlite3.OperationalError) as e:
+                if not out_of_space(e):
+                    raise
+                # The agent still serves what it has; recovery is finished at the next start.
+                log.warning("store recovery postponed: disk full", extra={"fields": {
+                    "error": str(e)}})
+                self.set_disk_full(True)
+        self._overhead = overhead_bytes(self.layout)
         self.update_gauges()
+
+    def _write_cache_info(self) -> None:
+        """For `file://` readers (the agent serves it from memory); written only if changed."""
+        path, text = self.layout.cache_info, self.cache_info()
+        if not path.exists() or path.read_text() != text:
+            write_atomic(self.layout, path, text.encode())
+
+    def _open_index(self, heal: bool) -> Index:
+        """SQLite needs room for its -shm and -wal files: on a full disk the reserve is given
+        up; without one, the index is opened read-only (hits are served, nothing is
+        recorded) until the agent is restarted with room."""
+        for attempt in range(2):
+            try:
+                return open_index(self.layout, heal=heal)
+            except sqlite3.OperationalError as e:
+                if not out_of_space(e):
+                    raise
+                self.set_disk_full(True)
+                if attempt or not self.space.release_reserve():
+                    break
+        log.error("no room on the disk to open the index: serving what the store holds, "
+                  "read-only, until restarted with free space")
+        self.read_only = True
+        return Index(self.layout.index, read_only=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -71,8 +115,27 @@ class Store:
     def nar_row(self, file: str) -> NarRow | None:
         return self._index.nar_row(file)
 
+    def uncached_nar(self, file: str) -> NarRow | None:
+        """A NAR the store does not hold but a client may hold a narinfo for: evicted, lost or
+        never recorded (a full disk). It has its source, so it can be streamed again."""
+        return self._uncached.get(file)
+
     def nar_path(self, file: str) -> Path:
         return self.layout.nar_path(file)
+
+    def nar_present(self, file: str) -> bool:
+        return self.layout.nar_path(file).exists()
+
+    def lose_nar(self, file: str) -> None:
+        """A committed NAR whose file is gone (deleted by hand or by another process): forget
+        it, so the next request for its paths is a miss that fetches them again."""
+        log.warning("nar file missing: forgotten, fetched again on demand", extra={"fields": {
+            "file": file}})
+        try:
+            self.remove_nar(file)
+        except sqlite3.OperationalError as e:  # still remembered for clients, retried later
+            if not out_of_space(e):
+                raise
 
     def committed_nars(self) -> list[NarRow]:
         return self._index.committed_nars()
@@ -85,7 +148,12 @@ class Store:
         self._index.touch(nar_file=file)
 
     def flush_access(self) -> None:
-        self._index.flush_access()
+        try:
+            self._index.flush_access()
+        except sqlite3.OperationalError as e:
+            if not out_of_space(e):
+                raise
+            self.set_disk_full(True)
 
     def present(self, hashes: Iterable[str]) -> set[str]:
         """The hash parts among `hashes` whose narinfo and NAR are committed."""
@@ -115,12 +183,46 @@ class Store:
             nar = NarRow(nar_file_name(name_hash, info.compression), info.nar_hash,
                          info.nar_size, info.compression, info.file_hash, info.file_size,
                          source, info.url, committed=False)
-        self._index.put_pending(existing or nar, path)
+        try:
+            self._index.put_pending(existing or nar, path)
+        except sqlite3.OperationalError as e:
+            if not out_of_space(e):
+                raise
+            return self._unrecorded(existing or nar, path)
         row = self._index.narinfo_row(info.hash_part)
         assert row is not None
         if row.committed:
-            write_atomic(self.layout, self.layout.narinfo(info.hash_part), row.text.encode())
+            self._write_narinfo(row)
         return row
+
+    def _unrecorded(self, nar: NarRow, path: PathFields) -> NarInfoRow:
+        """A narinfo the index has no room for: served (not cached); its NAR, if not here, is
+        remembered in memory so a client can still fetch it through this store."""
+        self.set_disk_full(True)
+        if not nar.committed:
+            self._remember_uncached(nar)
+        fields = file_fields(nar.file, nar.compression, nar.file_hash, nar.file_size)
+        return NarInfoRow(path.hash, path.store_path, nar.file,
+                          f"StorePath: {path.store_path}\n{fields}{path.text}", path.refs,
+                          nar.committed)
+
+    def _remember_uncached(self, nar: NarRow) -> None:
+        if nar.source is None or nar.source_url is None:
+            return
+        self._uncached[nar.file] = nar
+        self._uncached.move_to_end(nar.file)
+        while len(self._uncached) > UNCACHED_ENTRIES:
+            self._uncached.popitem(last=False)
+
+    def _write_narinfo(self, row: NarInfoRow) -> None:
+        """Write a committed narinfo's file (for `file://` readers; the agent serves the
+        index). On a full disk it is written at the next start's recovery."""
+        try:
+            write_atomic(self.layout, self.layout.narinfo(row.hash), row.text.encode())
+        except OSError as e:
+            if not out_of_space(e):
+                raise
+            self.set_disk_full(True)
 
     def new_temp(self) -> tuple[int, Path]:
         return new_temp(self.layout)
@@ -129,27 +231,41 @@ class Store:
                    listing: bytes | None = None) -> None:
         """Publish a verified NAR (its listing first, if known), then every narinfo that
         waits for it."""
-        if listing is not None:
-            row = self._index.nar_row(file)
-            if row is not None:
+        row = self._index.nar_row(file) if listing is not None else None
+        if row is not None and listing is not None:
+            try:
                 self.save_listing(row.nar_hash, listing)
+            except OSError as e:  # the scrub builds it later
+                if not out_of_space(e):
+                    raise
+                self.set_disk_full(True)
         publish(tmp, self.layout.nar_path(file))
-        self._index.mark_nar_committed(file, file_size, file_hash)
+        try:
+            self._index.mark_nar_committed(file, file_size, file_hash)
+        except sqlite3.OperationalError as e:
+            self.layout.nar_path(file).unlink()  # not vouched for: it must not stay
+            if not out_of_space(e):
+                raise
+            self.set_disk_full(True, file_size)
+            raise StoreFull("no room in the index to record the NAR") from None
+        self._uncached.pop(file, None)
         for info in self._index.mark_narinfos_committed(file):
-            write_atomic(self.layout, self.layout.narinfo(info.hash), info.text.encode())
+            self._write_narinfo(info)
         self.update_gauges()
 
     def replace_encoding(self, old: NarRow, tmp: Path, file: str, compression: str,
                          file_hash: Hash, file_size: int) -> None:
         """Publish a verified re-encoding of a committed NAR and repoint its narinfos.
 
-        Only URL, Compression, FileHash and FileSize change, which signatures do not cover."""
+        Only URL, Compression, FileHash and FileSize change, which signatures do not cover.
+        The new row keeps the original's source: if the file is ever lost, the original is
+        fetched again and re-encoded (byte-identically, as zstd is deterministic)."""
         publish(tmp, self.layout.nar_path(file))
         new = NarRow(file, old.nar_hash, old.nar_size, compression, file_hash, file_size,
-                     None, None, committed=True)
+                     old.source, old.source_url, committed=True)
         for info in self._index.replace_nar(old.file, new):
             if info.committed:
-                write_atomic(self.layout, self.layout.narinfo(info.hash), info.text.encode())
+                self._write_narinfo(info)
         self.update_gauges()
 
     def drop_replaced(self, older_than: float) -> int:
@@ -169,14 +285,38 @@ class Store:
 
     def remove_nar(self, file: str) -> int:
         """Delete a committed NAR and its narinfos (narinfos first: never one without a NAR),
-        and its listing once no encoding of the NAR is left."""
-        row = self._index.nar_row(file)
-        for hash_part in self._index.remove_nar(file):
+        and its listing once no encoding of the NAR is left; returns the bytes freed."""
+        return self.remove_nars([file])
+
+    def remove_nars(self, files: list[str]) -> int:
+        """remove_nar for several NARs. Their sources are remembered, for clients that hold
+        one of their narinfos. On a full disk, where even the index's delete has no room, the
+        files go first (a narinfo naming a missing file is answered as a miss)."""
+        rows = [row for row in map(self._index.nar_row, files) if row is not None]
+        for row in rows:
+            self._remember_uncached(row)
+        try:
+            hashes = self._index.remove_nars(files)
+        except sqlite3.OperationalError as e:
+            if not out_of_space(e):
+                raise
+            self.set_disk_full(True)
+            for file in files:
+                self._unlink_entry(file, [i.hash for i in self._index.narinfos_for_nar(file)])
+            hashes = self._index.remove_nars(files)
+        for hash_part in hashes:
+            self.layout.narinfo(hash_part).unlink(missing_ok=True)
+        for file in files:
+            self.layout.nar_path(file).unlink(missing_ok=True)
+        for row in rows:
+            if not self._index.has_nar_hash(row.nar_hash):
+                self.layout.listing(row.nar_hash).unlink(missing_ok=True)
+        return sum(row.file_size or 0 for row in rows)
+
+    def _unlink_entry(self, file: str, narinfos: list[str]) -> None:
+        for hash_part in narinfos:
             self.layout.narinfo(hash_part).unlink(missing_ok=True)
         self.layout.nar_path(file).unlink(missing_ok=True)
-        if row is not None and not self._index.has_nar_hash(row.nar_hash):
-            self.layout.listing(row.nar_hash).unlink(missing_ok=True)
-        return (row.file_size or 0) if row else 0
 
     def read_listing(self, hash_part: str) -> bytes | None:
         """The `.ls` listing of a committed store path, if the store has one (blocking)."""
@@ -200,32 +340,46 @@ class Store:
     # --- accounting ------------------------------------------------------------------------
 
     def used_bytes(self) -> int:
-        return self._index.used_bytes()
+        """Everything the store writes: NAR files (old encodings in their grace period too),
+        the index and its WAL, temporary files, narinfos and listings. The small reserve is
+        not counted: it is there to be given back when the disk is full."""
+        return self._index.used_bytes() + sum(
+            n for kind, n in self._overhead.items() if kind != "reserve")
+
+    def usage(self) -> dict[str, object]:
+        """used_bytes, by kind; originals kept while clients may still read them."""
+        total = self._index.used_bytes()
+        grace, since = self._index.replaced_bytes()
+        return {"nars": total - grace, "originals_in_grace": grace,
+                "originals_replaced_since": since, **self._overhead}
+
+    def measure_overhead(self) -> None:
+        """Re-measure what the store writes besides NAR files (blocking: a walk)."""
+        self._overhead = overhead_bytes(self.layout)
 
     def counts(self) -> dict[str, int]:
         """Committed entries by kind (nar, narinfo); raises if the index is unusable."""
         return self._index.counts()
 
+    @property
+    def disk_full(self) -> bool:
+        return self.space.disk_full
+
     def filesystem_bytes(self) -> int:
-        return shutil.disk_usage(self.layout.root).total
+        return self.space.total_bytes()
 
     def free_bytes(self) -> int:
-        st = os.statvfs(self.layout.root)
-        return st.f_bavail * st.f_frsize
+        return self.space.free_bytes()
 
-    def set_disk_full(self, full: bool) -> None:
-        if full != self.disk_full:
-            log.warning("store disk full" if full else "store disk writable again")
-        self.disk_full = full
-        metrics.STORE_DISK_FULL.set(int(full))
+    def set_disk_full(self, full: bool, wanted: int = 0) -> None:
+        self.space.set_full(full, wanted)
 
-    def check_disk_recovered(self, headroom: int = 64 << 20) -> None:
+    def check_disk_recovered(self) -> None:
         """Clear the disk-full state once there is room again (a commit also clears it)."""
-        if self.disk_full and self.free_bytes() > min(headroom, self.filesystem_bytes() // 10):
-            self.set_disk_full(False)
+        self.space.check_recovered()
 
     def update_gauges(self) -> None:
-        metrics.STORE_BYTES.set(self._index.used_bytes())
+        metrics.STORE_BYTES.set(self.used_bytes())
         for kind, n in self._index.counts().items():
             metrics.STORE_ENTRIES.labels(kind).set(n)
         metrics.STORE_PINNED.set(self._index.pinned_bytes())

@@ -46,7 +46,7 @@ class TransferStore(Protocol):
     def commit_nar(self, tmp: Path, file: str, file_hash: Hash, file_size: int,
                    listing: bytes | None) -> None: ...
     def discard_pending(self, file: str) -> None: ...
-    def set_disk_full(self, full: bool) -> None: ...
+    def set_disk_full(self, full: bool, wanted: int = 0) -> None: ...
     def run_io(self, fn: Callable[..., T], *args: object) -> Awaitable[T]: ...
 
 
@@ -72,6 +72,7 @@ class Transfer:
         self.done = False
         self.error: BaseException | None = None
         self.store_error: OSError | None = None  # the file could not be written: readers fall back
+        self.uncached: StoreFull | None = None  # verified and served, but the store had no room
         self._changed = asyncio.Event()
         self._fd: int | None = None
         self._tmp: Path | None = None
@@ -102,11 +103,15 @@ class Transfer:
                         self.visible = self.written - len(chunk)
                     self._notify()
             await self.store.run_io(verifier.finish)
-            await self.store.run_io(self._commit, verifier)
+            try:
+                await self.store.run_io(self._commit, verifier)
+            except StoreFull as e:  # verified, so every reader gets it; it is not kept
+                self.uncached = e
+            else:
+                self._on_committed(self.file)
             self.visible = self.written
-            self._on_committed(self.file)
             log.info("nar fetched", extra={"fields": {
-                **fields, "bytes": self.received,
+                **fields, "bytes": self.received, "cached": self.uncached is None,
                 "seconds": round(time.monotonic() - start, 3)}})
         except VerificationError as e:
             self.error = e
@@ -148,7 +153,7 @@ class Transfer:
         reason = "disk_full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
         metrics.STORE_WRITE_ERRORS.labels(reason).inc()
         if reason == "disk_full":
-            self.store.set_disk_full(True)
+            self.store.set_disk_full(True, self.size or 0)
 
     def _commit(self, verifier: NarVerifier) -> None:
         assert self._tmp is not None
@@ -166,8 +171,8 @@ class Transfer:
     async def wait(self) -> int:
         """Until the NAR is committed; returns the bytes received, raises why it failed."""
         await asyncio.shield(self.task)
-        if self.error:
-            raise self.error
+        if self.error or self.uncached:
+            raise self.error or self.uncached  # type: ignore[misc]
         return self.received
 
     async def stream(self) -> AsyncIterator[bytes]:

@@ -4,6 +4,7 @@ One check serves both `flox-node-cache verify` and the agent's rate-limited back
 """
 
 import functools
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from agent.nix.nar import listing_file
 from agent.nix.storepath import is_hash_part
 from agent.nix.verify import NarVerifier, VerificationError
 from agent.store.index import NarRow
-from agent.store.layout import is_nar_file
+from agent.store.layout import Layout, is_nar_file
+from agent.store.rebuild import corruption
 from agent.store.store import Store
 
 READ = 1 << 20
@@ -62,6 +64,10 @@ class Report:
 
 
 def verify_store(root: Path, *, repair: bool = False, progress: bool = False) -> Report:
+    """Raises sqlite3.DatabaseError when the index itself is corrupt (the agent rebuilds it)."""
+    problem = corruption(Layout(root).index)
+    if problem is not None:
+        raise sqlite3.DatabaseError(problem)
     store = Store(root, recover_on_open=False)
     try:
         return _verify(store, repair, progress)

@@ -90,6 +90,9 @@ def load_yaml(path: Path) -> list[Obj]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+PREWARM_CRD = "environmentprewarms.nodecache.flox.dev"
+
+
 def find(objs: tuple[Obj, ...] | list[Obj], kind: str, name: str | None = None) -> Obj:
     hits = [o for o in objs if o["kind"] == kind
             and (name is None or o["metadata"]["name"] == name)]
@@ -115,7 +118,7 @@ def agent_container(kustomization: str) -> Obj:
 
 
 def crd_schema() -> Obj:
-    crd = find(render("daemonset/base"), "CustomResourceDefinition")
+    crd = find(render("daemonset/base"), "CustomResourceDefinition", PREWARM_CRD)
     (version,) = crd["spec"]["versions"]
     return version["schema"]["openAPIV3Schema"]
 
@@ -447,26 +450,26 @@ def rule_table(role: Obj) -> dict[tuple[str, str], set[str]]:
     return table
 
 
-READ = {"get", "list", "watch"}
+# What the code calls, as derived from the API server's request log in tests/kube/test_rbac.py.
+LIST_WATCH = {"list", "watch"}
 AGENT_RULES = {
-    ("", "pods"): READ,
-    # The brief said get; agent/kube/agent.py list+watches its own node (fieldSelector);
-    # agent/kube/taint.py patches it (--warm-taint).
-    ("", "nodes"): READ | {"patch"},
-    ("apps", "deployments"): READ,
-    ("apps", "statefulsets"): READ,
-    ("apps", "daemonsets"): READ,
-    ("batch", "jobs"): READ,
-    ("batch", "cronjobs"): READ,
-    ("nodecache.flox.dev", "environmentprewarms"): READ | {"patch"},
-    ("nodecache.flox.dev", "environmentprewarms/status"): READ | {"patch"},
-    ("", "events"): {"create", "patch"},
+    ("", "pods"): LIST_WATCH,
+    ("", "nodes"): LIST_WATCH | {"get", "patch"},  # its own: by fieldSelector; warm taint
+    ("apps", "deployments"): LIST_WATCH,
+    ("apps", "statefulsets"): LIST_WATCH,
+    ("apps", "daemonsets"): LIST_WATCH,
+    ("batch", "jobs"): LIST_WATCH,
+    ("batch", "cronjobs"): LIST_WATCH,
+    ("nodecache.flox.dev", "environmentprewarms"): LIST_WATCH | {"delete"},  # after its TTL
+    ("nodecache.flox.dev", "environmentprewarms/status"): {"patch"},  # the lease holder
+    ("nodecache.flox.dev", "nodeprewarms"): {"get", "create", "list", "watch"},
+    ("nodecache.flox.dev", "nodeprewarms/status"): {"patch"},
+    ("", "events"): {"create"},
     # Peer discovery (components/peers): the agent's own Service's EndpointSlices.
-    ("discovery.k8s.io", "endpointslices"): READ,
+    ("discovery.k8s.io", "endpointslices"): LIST_WATCH,
 }
 PREWARMER_RULES = {
-    ("nodecache.flox.dev", "environmentprewarms"): READ | {"create", "update", "patch"},
-    ("nodecache.flox.dev", "environmentprewarms/status"): READ,
+    ("nodecache.flox.dev", "environmentprewarms"): {"get", "create", "patch", "delete"},
     ("", "nodes"): {"list"},  # agent/kube/rollout.py: the nodes the selector matches
 }
 
@@ -481,7 +484,8 @@ def test_prewarmer_cluster_role_is_exact_and_not_bound_to_the_agent() -> None:
     role = find(objs, "ClusterRole", "flox-node-cache-prewarmer")
     assert rule_table(role) == PREWARMER_RULES
     bindings = [o for o in objs if o["kind"] in ("ClusterRoleBinding", "RoleBinding")]
-    assert [b["roleRef"]["name"] for b in bindings] == ["flox-node-cache"]
+    assert [b["roleRef"]["name"] for b in bindings] == ["flox-node-cache", "flox-node-cache"]
+    assert {b["kind"] for b in bindings} == {"ClusterRoleBinding", "RoleBinding"}  # the lease
 
 
 def test_agent_binding_names_the_daemonsets_service_account() -> None:
@@ -496,7 +500,7 @@ def test_agent_binding_names_the_daemonsets_service_account() -> None:
 # --- the CRD and EnvironmentPrewarm objects -----------------------------------------------------
 
 def test_crd_shape() -> None:
-    crd = find(render("daemonset/base"), "CustomResourceDefinition")
+    crd = find(render("daemonset/base"), "CustomResourceDefinition", PREWARM_CRD)
     spec = crd["spec"]
     assert crd["metadata"]["name"] == "environmentprewarms.nodecache.flox.dev"
     assert spec["scope"] == "Cluster"
@@ -674,16 +678,17 @@ ALERT_CASES = {
         (f"up{{{AGENT}}}", "1x40"),
         (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="failed"}}', "0x40"),
         (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="succeeded"}}', "0+1x40"),
-        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="pods"}}', "1x40"),
+        (f'flox_node_cache_kube_watch_consecutive_failures{{{AGENT}, resource="pods"}}', "0x40"),
     ], {"FloxNodeCacheAbsent": [], "FloxNodeCachePrewarmFailed": [],
         "FloxNodeCacheKubeWatchFailing": [], "FloxNodeCacheDown": []}),
     "failing": ([
         (f"up{{{AGENT}}}", "1x40"),
         (f'flox_node_cache_prewarm_jobs_total{{{AGENT}, outcome="failed"}}', "0x25 1x15"),
-        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="pods"}}', "1x40"),
-        (f'flox_node_cache_kube_watch_healthy{{{AGENT}, watcher="nodes"}}', "1x10 0x30"),
+        (f'flox_node_cache_kube_watch_consecutive_failures{{{AGENT}, resource="pods"}}', "0x40"),
+        (f'flox_node_cache_kube_watch_consecutive_failures{{{AGENT}, resource="nodes"}}',
+         "0x10 1+1x30"),
     ], {"FloxNodeCachePrewarmFailed": [AGENT_LABELS],
-        "FloxNodeCacheKubeWatchFailing": [{**AGENT_LABELS, "watcher": "nodes"}],
+        "FloxNodeCacheKubeWatchFailing": [{**AGENT_LABELS, "resource": "nodes"}],
         "FloxNodeCacheAbsent": []}),
     "no agent scraped": ([('up{job="node-exporter"}', "1x40")],
                          {"FloxNodeCacheAbsent": [{"job": "flox-node-cache"}]}),

@@ -24,9 +24,12 @@ from tests.support.kubeapi import FakeKubeAPI
 Obj = dict[str, Any]
 
 # short intervals so the suite stays fast; the code paths are the production ones
-FAST = KubeOptions(watch=WatchOptions(timeout_seconds=30, page_size=2, backoff_base=0.2,
-                                      backoff_cap=0.5, min_stream_seconds=0.05),
-                   report_interval=0.1)
+FAST = KubeOptions(watch=WatchOptions(timeout_seconds=30, read_timeout=1.0, request_timeout=5.0,
+                                      page_size=2, backoff_base=0.2, backoff_cap=0.5,
+                                      min_stream_seconds=0.05),
+                   report_interval=0.1, request_timeout=0.5, aggregate_interval=0.1,
+                   lease_duration=1.0, lease_renew=0.2)
+BOOKMARK_INTERVAL = 0.2  # the fixture's server: well within FAST's read timeout
 
 
 @dataclass
@@ -161,7 +164,7 @@ def prewarm_resource(name: str, refs: list[str], *, selector: dict[str, str] | N
 
 @pytest.fixture
 def kubeapi() -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI() as api:
+    with FakeKubeAPI(bookmark_interval=BOOKMARK_INTERVAL) as api:
         yield api
 
 
@@ -183,7 +186,7 @@ class Agents:
         prewarmer = prewarmer or FakePrewarmer()
         self.tasks.append(asyncio.get_running_loop().create_task(run_kubernetes(
             prewarmer, node_name=node_name, kubeconfig=self.kubeconfig, system=system,
-            options=options)))
+            options=options, pin_holders=lambda: list(prewarmer.pins))))
         return prewarmer
 
     async def stop(self) -> None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from rich.console import Console
 
+from agent.exits import USAGE as EXIT_USAGE
 from agent.kube.rollout import (
+    EXIT_CLUSTER,
     EXIT_FAILED,
     EXIT_NO_NODES,
     EXIT_OK,
@@ -18,11 +25,13 @@ from tests.kube import (
     Agents,
     FakePrewarmer,
     agents,
+    eventually,
     kubeapi,
     kubeconfig,
     node,
     prewarm_resource,
 )
+from tests.support.agent import free_port
 from tests.support.kubeapi import FakeKubeAPI
 
 __all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
@@ -117,3 +126,109 @@ def test_resource_names_are_dns_safe_and_stable() -> None:
     name = resource_name(["Flox/Quotes_App:7", "flox/redis"])
     assert name == resource_name(["flox/redis", "Flox/Quotes_App:7"])
     assert len(name) <= 63 and name.replace("-", "").isalnum() and name == name.lower()
+
+
+async def test_timeout_bounds_the_whole_command_against_a_stalled_server(
+        kubeapi: FakeKubeAPI, kubeconfig: str) -> None:
+    three_nodes(kubeapi)
+    kubeapi.inject(stall=120, times=None)  # every request hangs
+    async with asyncio.timeout(20):  # a guard: without the fix this hangs for minutes
+        code, out = await gate(kubeconfig, timeout=1.0)
+    assert code == EXIT_CLUSTER, out
+    assert "cannot reach the cluster" in out
+
+
+async def test_transient_errors_are_retried_until_the_deadline(
+        kubeapi: FakeKubeAPI, kubeconfig: str, agents: Agents) -> None:
+    three_nodes(kubeapi)
+    for n in ("n1", "n2", "n3"):
+        agents.start(n)
+    kubeapi.inject(429, retry_after=1, verb="create", resource="environmentprewarms")
+    kubeapi.inject(reset=True, times=3, verb="list", resource="nodes")
+    kubeapi.inject(503, times=2, verb="get", resource="environmentprewarms")
+    code, out = await gate(kubeconfig, timeout=10)
+    assert code == EXIT_OK, out
+
+
+async def test_an_api_server_restart_during_wait_is_survived(
+        kubeapi: FakeKubeAPI, kubeconfig: str, agents: Agents) -> None:
+    three_nodes(kubeapi)
+    slow = FakePrewarmer()
+    slow.hold = set(REFS)
+    for n in ("n1", "n2"):
+        agents.start(n)
+    agents.start("n3", slow)
+    waiting = asyncio.get_running_loop().create_task(gate(kubeconfig, timeout=15))
+    await eventually(lambda: kubeapi.requests_for("nodes", watch=False)
+                     and slow.jobs.get("flox/redis"))
+    kubeapi.inject(503, times=None, verb="get")  # restarting: the gate's reads fail a while
+    kubeapi.restart()
+    await asyncio.sleep(0.5)
+    kubeapi.clear_faults()
+    for job in slow.jobs.values():
+        job.finish()
+    code, out = await waiting
+    assert code == EXIT_OK, out
+
+
+async def test_forbidden_is_a_one_line_error_with_its_own_exit_code(
+        kubeapi: FakeKubeAPI, tmp_path: Path) -> None:
+    three_nodes(kubeapi)
+    unbound = str(kubeapi.write_kubeconfig(tmp_path / "kc", service_account=("ci", "nobody")))
+    code, out = await gate(unbound)
+    assert code == EXIT_CLUSTER, out
+    assert "forbidden" in out and 'cannot list resource "nodes"' in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "prewarm", "--cluster", *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items()
+                               if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+                          | (env or {}))
+
+
+def test_cli_errors_are_messages_with_documented_exit_codes(kubeapi: FakeKubeAPI,
+                                                             kubeconfig: str) -> None:
+    three_nodes(kubeapi)
+    r = cli("acme/web:notanumber", "--kubeconfig", kubeconfig)  # the CRD's pattern: 422
+    assert r.returncode == EXIT_USAGE, r.stderr
+    assert "spec.environments[0]" in r.stderr and "Traceback" not in r.stderr
+    port = free_port()
+    Path(kubeconfig).write_text(Path(kubeconfig).read_text().replace(
+        f":{kubeapi.port}", f":{port}"))  # nothing listens there
+    r = cli("acme/web", "--kubeconfig", kubeconfig, "--timeout", "2s")
+    assert r.returncode == EXIT_CLUSTER, r.stderr
+    assert "cannot reach the cluster" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kubeconfig_from_the_environment_then_home_then_in_cluster(
+        kubeapi: FakeKubeAPI, kubeconfig: str, tmp_path: Path) -> None:
+    three_nodes(kubeapi)
+    r = cli("acme/web", "--name", "from-env", env={"KUBECONFIG": kubeconfig,
+                                                   "HOME": str(tmp_path)})
+    assert r.returncode == EXIT_OK, r.stderr
+    assert kubeapi.get("EnvironmentPrewarm", "from-env")
+    (tmp_path / ".kube").mkdir()
+    (tmp_path / ".kube" / "config").write_text(Path(kubeconfig).read_text())
+    r = cli("acme/web", "--name", "from-home", env={"HOME": str(tmp_path)})
+    assert r.returncode == EXIT_OK, r.stderr
+    assert kubeapi.get("EnvironmentPrewarm", "from-home")
+    r = cli("acme/web", env={"HOME": str(tmp_path / "nowhere")})
+    assert r.returncode == EXIT_CLUSTER, r.stderr
+    assert "no kubeconfig" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ttl_and_delete_from_the_command_line(kubeapi: FakeKubeAPI, kubeconfig: str) -> None:
+    three_nodes(kubeapi)
+    r = cli("acme/web", "--name", "web", "--ttl", "10m", "--kubeconfig", kubeconfig)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert kubeapi.get("EnvironmentPrewarm", "web")["spec"]["ttlSecondsAfterFinished"] == 600
+    r = cli("acme/web", "--name", "web", "--kubeconfig", kubeconfig)  # no --ttl: none
+    assert "ttlSecondsAfterFinished" not in kubeapi.get("EnvironmentPrewarm", "web")["spec"]
+    r = cli("--delete", "web", "--kubeconfig", kubeconfig)
+    assert r.returncode == EXIT_OK, r.stderr
+    assert "deleted" in r.stderr and not kubeapi.list("EnvironmentPrewarm")
+    r = cli("--delete", "web", "--kubeconfig", kubeconfig)
+    assert r.returncode == EXIT_USAGE and "not found" in r.stderr, r.stderr

@@ -83,8 +83,8 @@ async def test_compaction_gives_410_and_a_relist_that_keeps_state_right(
         kubeapi.create(pod(name, "n1", ref))
     pw = agents.start("n1")
     await eventually(lambda: sorted(pw.refs()) == ["flox/a", "flox/b", "flox/c"])
-    # three pods with page_size=2: the initial list took two pages
-    assert any("continue" in r.query for r in kubeapi.requests_for("pods", watch=False))
+    # the initial list came from the watch cache (no paging)
+    assert kubeapi.requests_for("pods", watch=False)[0].query["resourceVersion"] == "0"
     await eventually(lambda: kubeapi.open_watches("pods") == 1)
     lists_before = len(kubeapi.requests_for("pods", watch=False))
     expired_before = restarts("pods", "expired")
@@ -137,3 +137,19 @@ async def test_unreachable_server_backs_off_instead_of_spinning(tmp_path: Any) -
     attempts = restarts("backoff-test", "error")
     # 0.1-0.2, 0.2-0.4, then <=0.5 s apart: a handful of attempts, not thousands
     assert 2 <= attempts <= 10
+
+
+async def test_a_cached_list_older_than_the_history_is_followed_by_a_paged_quorum_list(
+        kubeapi: FakeKubeAPI, agents: Agents) -> None:
+    kubeapi.create(node("n1"))
+    for name in ("a", "b", "c"):
+        kubeapi.create(pod(name, "n1", f"flox/{name}"))
+    kubeapi.inject(410, times=1, verb="watch", resource="pods")  # the cache was behind
+    kubeapi.expired_watch_as_http = True
+    pw = agents.start("n1")
+    await eventually(lambda: kubeapi.open_watches("pods") == 1)
+    lists = kubeapi.requests_for("pods", watch=False)
+    assert lists[0].query["resourceVersion"] == "0"
+    assert "resourceVersion" not in lists[1].query and lists[1].query["limit"] == "2"
+    assert "continue" in lists[2].query  # three pods with page_size=2: two pages
+    assert sorted(pw.refs()) == ["flox/a", "flox/b", "flox/c"]

@@ -51,7 +51,8 @@ def test_a_nar_shared_by_two_narinfos_is_stored_and_counted_once(
         assert len(nars) == 1
         st = status(agent)
         assert st["entries"] == {"nar": 1, "narinfo": 2}
-        assert st["used_bytes"] == nars[0].stat().st_size
+        assert st["usage"]["nars"] == nars[0].stat().st_size
+        assert st["used_bytes"] > st["usage"]["nars"]  # the index and narinfos count too
 
         # Evicting the NAR removes both narinfos first: none is left pointing at nothing.
         r = cli(agent, "gc", "--json")
@@ -67,7 +68,8 @@ def test_a_nar_shared_by_two_narinfos_is_stored_and_counted_once(
 def test_eviction_keeps_pinned_closures_and_stays_within_budget(
         tmp_path: Path, upstream_server: UpstreamServer, signing_key: tuple[Path, str],
         small_closure: Closure, big_path_closure: Closure) -> None:
-    budget = 2 * small_closure.total_nar_size  # room for the small closure, not the 8 MB one
+    # Room for the small closure and the index, not for the 8 MB path.
+    budget = 2 * small_closure.total_nar_size + (1 << 20)
     with AgentProcess(tmp_path / "a", [upstream_server.url], [signing_key[1]],
                       "--store-budget", str(budget), "--gc-interval", "3600",
                       "--recompress", "none") as agent:

@@ -84,3 +84,19 @@ def test_an_index_of_version_0_keeps_only_path_fields_after_migration(tmp_path: 
     db.commit()
     db.close()
     assert Index(path).narinfo_row(h).text == old_text
+
+
+def test_eviction_order_needs_no_write_and_counts_unflushed_uses(tmp_path: Path) -> None:
+    """On a full disk the access-time flush fails: eviction must still find its candidates,
+    in the order the uses (still in memory) say."""
+    index = Index(tmp_path / "index.sqlite")
+    for n in (5, 6):
+        nar, info = _rows(n)
+        index.put_pending(nar, info)
+        index.mark_nar_committed(nar.file, 50)
+        index.mark_narinfo_committed(info.hash)
+        time.sleep(0.01)
+    assert index.narinfo_row(_rows(5)[1].hash) is not None
+    index.touch(hash_part=_rows(5)[1].hash)  # the older entry was just used
+    index.db.execute("PRAGMA query_only = ON")  # any write now fails, as on a full disk
+    assert [n.file for n in index.eviction_candidates()] == [_rows(6)[0].file, _rows(5)[0].file]

@@ -1,5 +1,8 @@
 """NARs re-encoded to zstd after ingest: verified, signatures kept, old URL served a while."""
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +60,17 @@ async def test_reencoded_nars_keep_signatures_and_the_old_url_works_during_grace
                 assert resp.status == 200
         assert agent.metric("flox_node_cache_recompressions_total", outcome="ok") \
             == len(small_closure.paths)
+        # Both encodings count against the budget, and `status` says why.
+        out = subprocess.run([sys.executable, "-m", "agent", "status", "--socket",
+                              str(agent.socket)], capture_output=True, text=True)
+        text = " ".join(out.stdout.split())
+        assert "originals kept" in text and "(re-encoding grace period)" in text, text
+        st = json.loads(subprocess.run(
+            [sys.executable, "-m", "agent", "status", "--json", "--socket", str(agent.socket)],
+            capture_output=True, text=True).stdout)["store"]
+        originals = sum(int(before[p]["FileSize"][0]) for p in small_closure.paths)
+        assert st["usage"]["originals_in_grace"] == originals
+        assert st["used_bytes"] > st["usage"]["nars"] + originals
 
         # A cold client checks the upstream signatures against the zstd narinfos: still valid.
         upstream_server.reset_counts()

@@ -33,7 +33,7 @@ def test_a_second_narinfo_for_a_committed_nar_gets_its_real_file_fields(tmp_path
     assert second.url == first.nar_file  # one copy
     assert second.file_hash == file_hash and second.file_size == len(packed)
     assert (store.layout.root / "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb.narinfo").exists()
-    assert store.used_bytes() == len(packed)
+    assert store.usage()["nars"] == len(packed)
 
 
 def test_a_listing_lives_as_long_as_some_encoding_of_its_nar(tmp_path: Path) -> None:

@@ -1,0 +1,40 @@
+"""A real size-limited tmpfs for the disk-full tests, and a way to fill it."""
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB tmpfs (the suite runs as root), unmounted after the test."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True,
+                       capture_output=True)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        pytest.fail(f"cannot mount a tmpfs (the suite runs as root): {e}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(mnt: Path, name: str = "filler") -> Path:
+    """Fill the filesystem at `mnt` to the last byte with a file that is not the store's."""
+    path = mnt / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    assert os.statvfs(mnt).f_bavail == 0
+    return path
