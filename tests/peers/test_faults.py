@@ -137,6 +137,9 @@ async def test_black_holed_peer_costs_its_timeout_once(
                              str(agent.socket)], capture_output=True, text=True, timeout=60)
     peers = json.loads(status.stdout)["store"]["peers"]
     assert peers == {cluster.peer_url(i): "circuit_open" if i == cut else "ok" for i in peers_i}
+    shown = subprocess.run([sys.executable, "-m", "agent", "status", "--socket",
+                            str(agent.socket)], capture_output=True, text=True, timeout=60)
+    assert f"{peer} (circuit_open)" in shown.stdout, shown.stdout
     # Real clients meanwhile work through the others and the upstream.
     await _copy(agent, small_closure, tmp_path / "pod", cluster.key)
     assert agent.metric("flox_node_cache_peer_errors_total", peer=peer, reason="timeout") == 1
