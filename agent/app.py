@@ -42,6 +42,7 @@ from agent.readthrough import ReadThrough
 from agent.serve import admin, cache, health, listeners
 from agent.serve.sendfile import FileSender
 from agent.store import lock
+from agent.store.access import DirectReads
 from agent.store.recompress import Recompressor
 from agent.store.store import Store
 from agent.upkeep import Upkeep, run_chores
@@ -136,7 +137,11 @@ async def build(config: Config) -> AsyncIterator[Parts]:
             concurrency=config.prefetch_concurrency, on_resolved=watch.follow,
             on_pinned_complete=realiser.on_pinned_complete, on_unpinned=realiser.on_unpinned,
             node_status=realiser.settled if realiser.enabled else None))
-        upkeep = Upkeep(store, readthrough.busy, config)
+        direct_reads = DirectReads(store, config.direct_read_grace, readthrough.count_savings)
+        if direct_reads.start():
+            stack.callback(direct_reads.close)
+        upkeep = Upkeep(store, readthrough.busy, config,
+                        recently_read=direct_reads.recently_opened)
         background += [functools.partial(run_chores, upkeep.chores()),
                        functools.partial(watch.run, prefetcher.follow_generation),
                        realiser.run]

@@ -128,6 +128,10 @@ class Config:
                                       metavar="RATIO", above=0, at_most=1)
     gc_interval: float = setting(30.0, "seconds between eviction checks", metavar="SECONDS",
                                  above=0)
+    direct_read_grace: float = setting(
+        300.0, "eviction keeps a file this long after the node's Nix last opened it straight "
+        "from the store directory (file:// substituter), or opened its narinfo",
+        metavar="SECONDS", at_least=0)
     scrub_interval: float = setting(3600.0, "seconds between background re-hash passes, 0 to "
                                     "disable", metavar="SECONDS", at_least=0)
     scrub_rate: str = setting("20M", "bytes per second the scrub may read", metavar="SIZE",

@@ -111,6 +111,15 @@ NAR_REFETCHES = Counter(f"{P}_nar_refetches_total",
                         "NARs a client asked for that were gone from the store (evicted, lost, "
                         "or never stored on a full disk), streamed again from their source")
 SCRUBBED_BYTES = Counter(f"{P}_scrubbed_bytes_total", "Bytes re-hashed by the background scrub")
+DIRECT_READS = Counter(f"{P}_direct_reads_total",
+                       "Committed files the node's Nix opened straight from the store directory "
+                       "(a file:// substituter), not through the agent, by kind (narinfo, nar)",
+                       ["kind"])
+DIRECT_READ_BYTES = Counter(f"{P}_direct_read_bytes_total",
+                            "Bytes of the NAR files opened straight from the store directory")
+DIRECT_READS_TRACKED = Gauge(f"{P}_direct_reads_tracked",
+                             "1 while the store directory is watched for direct reads (0: "
+                             "inotify unavailable, such reads are neither counted nor kept)")
 
 # --- prefetch --------------------------------------------------------------------------------
 PREWARM_JOBS = Counter(f"{P}_prewarm_jobs_total", "Finished prewarm jobs by outcome",
@@ -171,6 +180,8 @@ def initialise() -> None:
             LOOKUPS.labels(kind, source)
     for source in ("local", "upstream", "peer"):
         SERVED_BYTES.labels(source)
+    for kind in ("narinfo", "nar"):
+        DIRECT_READS.labels(kind)
     for outcome in ("succeeded", "failed"):
         PREWARM_JOBS.labels(outcome)
     for reason in ("signature", "malformed", "file_size", "file_hash", "nar_size", "nar_hash",

@@ -304,9 +304,9 @@ class ReadThrough:
             del self._in_use[file]
         metrics.SERVED_BYTES.labels(kind).inc(served)
         if source in ("local", "coalesced"):
-            self._count_savings(served)
+            self.count_savings(served)
 
-    def _count_savings(self, nbytes: int) -> None:
+    def count_savings(self, nbytes: int) -> None:
         """What the cache saved: upstream bytes, and the seconds they would have taken."""
         if nbytes <= 0:
             return

@@ -53,9 +53,11 @@ async def _repeat(chore: Chore) -> None:
 class Upkeep:
     """Eviction under the budget, scrubbing, access-time flushes and old rows and files."""
 
-    def __init__(self, store: Store, busy: Callable[[], set[str]], config: Config) -> None:
+    def __init__(self, store: Store, busy: Callable[[], set[str]], config: Config, *,
+                 recently_read: Callable[[], set[str]] = set) -> None:
         self.store = store
         self.busy = busy
+        self.recently_read = recently_read  # also kept by eviction (not by scrub)
         self.config = config
         self._scrubber = Scrubber(store, parse_size(config.scrub_rate))
         self._warned = False
@@ -81,7 +83,7 @@ class Upkeep:
         cfg = self.config
         return await self.store.run_io(functools.partial(
             collect, self.store, budget, low=cfg.gc_low_watermark, high=cfg.gc_high_watermark,
-            busy=self.busy, dry_run=dry_run, force=force))
+            busy=lambda: self.busy() | self.recently_read(), dry_run=dry_run, force=force))
 
     async def scrub(self) -> None:
         for problem in await self.store.run_io(self._scrubber.scrub_once, self.busy):

@@ -23,6 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from agent import metrics
+from agent.store import access
 
 # Threads copy only while a client's socket has room; waiting for a client happens in the event
 # loop, so clients that stop reading hold no thread. Opening a file (which may wait on the disk)
@@ -179,7 +180,7 @@ class FileSender:
             -> tuple[web.StreamResponse, int]:
         """Send `path` (honouring Range); returns the response and the body bytes sent."""
         loop = asyncio.get_running_loop()
-        fd = await loop.run_in_executor(self._open_pool, os.open, path, os.O_RDONLY)
+        fd = await loop.run_in_executor(self._open_pool, access.open_fd, path)
         try:
             return await self._send_open(request, fd, content_type)
         finally:

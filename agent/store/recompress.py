@@ -21,6 +21,7 @@ from agent import metrics
 from agent.nix.compression import decoder
 from agent.nix.hashes import Hash
 from agent.nix.verify import NarVerifier, VerificationError
+from agent.store import access
 from agent.store.index import NarRow
 from agent.store.layout import nar_file_name
 from agent.store.space import out_of_space
@@ -93,7 +94,7 @@ class Recompressor:
         step = Transcoder(compression, self.target, self.level)
         digest = hashlib.sha256()
         size = 0
-        with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+        with access.open_binary(source) as src, os.fdopen(fd, "wb") as out:
             chunk = src.read(READ)
             while True:
                 for data in step.feed(chunk) if chunk else step.finish():

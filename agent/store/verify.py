@@ -14,6 +14,7 @@ from agent import metrics
 from agent.nix.nar import listing_file
 from agent.nix.storepath import is_hash_part
 from agent.nix.verify import NarVerifier, VerificationError
+from agent.store import access
 from agent.store.index import NarRow
 from agent.store.layout import Layout, is_nar_file
 from agent.store.rebuild import corruption
@@ -29,7 +30,7 @@ def check_nar(path: Path, nar: NarRow, throttle: Callable[[int], None] | None = 
     (stores written before listings existed get theirs from the scrub)."""
     verifier = NarVerifier(nar.expected(), listing=on_listing is not None)
     try:
-        with path.open("rb") as f:
+        with access.open_binary(path) as f:
             while chunk := f.read(READ):
                 verifier.update(chunk)
                 if throttle:

@@ -133,6 +133,12 @@ CASES = {
          ('flox_node_cache_lookups_total{job="flox-node-cache", node="idle", kind="nar", '
           'source="upstream"}', "0+5x150")],
         [("FloxNodeCacheLowHitRatio", "140m", [_alert("info")])]),
+    "reads straight from the store directory are hits: no low hit ratio alert": _case(
+        [(f'flox_node_cache_lookups_total{{{L}, kind="nar", source="local"}}', "0+6x150"),
+         (f'flox_node_cache_lookups_total{{{L}, kind="nar", source="upstream"}}',
+          "0+12x150"),
+         (f'flox_node_cache_direct_reads_total{{{L}, kind="nar"}}', "0+600x150")],
+        [("FloxNodeCacheLowHitRatio", "140m", [])]),
     "node realisation failing for 15m alerts, one failed attempt does not": _case(
         [(f'flox_node_cache_node_realise_failures_total{{{L}, reason="not_substitutable"}}',
           "0+2x60"),

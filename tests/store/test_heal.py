@@ -139,8 +139,11 @@ async def test_a_nar_evicted_between_narinfo_and_nar_is_fetched_again(
         small_closure: Closure, recompress: str) -> None:
     key = signing_key[1]
     root = small_closure.roots[0]
+    # No direct-read grace: the test itself reads the store's files (wait_reencoded), which
+    # would otherwise keep them from eviction like a node's reads.
     with AgentProcess(tmp_path / "a", [upstream_server.url], [key], "--recompress",
-                      recompress, "--gc-interval", "3600", "--store-budget", "1") as agent:
+                      recompress, "--gc-interval", "3600", "--store-budget", "1",
+                      "--direct-read-grace", "0") as agent:
         assert nix_copy(agent.url, tmp_path / "warm", [root], [key]).returncode == 0
         if recompress == "zstd":
             wait_reencoded(agent.store, small_closure)

@@ -40,6 +40,28 @@ def test_the_narinfo_cache_never_serves_a_removed_entry(tmp_path: Path) -> None:
     assert index.narinfo_row(info.hash) is None
 
 
+def test_the_nar_row_cache_never_serves_a_removed_or_changed_row(tmp_path: Path) -> None:
+    """A committed NAR row is answered from memory; removing it, or another process's commit
+    (`verify --repair` removes rows), is seen at once or within the second."""
+    index = Index(tmp_path / "index.sqlite")
+    nar, info = _rows(5)
+    index.put_pending(nar, info)
+    assert not index.nar_row(nar.file).committed  # pending rows are not cached
+    index.mark_nar_committed(nar.file, 50)
+    assert index.nar_row(nar.file).committed
+    assert index.nar_row(nar.file) is index.nar_row(nar.file)  # from memory, no query
+    index.remove_nar(nar.file)
+    assert index.nar_row(nar.file) is None
+
+    index.put_pending(nar, info)
+    index.mark_nar_committed(nar.file, 50)
+    assert index.nar_row(nar.file).committed  # cached again
+    other = Index(tmp_path / "index.sqlite")
+    other.remove_nar(nar.file)
+    index._next_check = 0.0  # the once-a-second check is due
+    assert index.nar_row(nar.file) is None
+
+
 def test_a_served_narinfo_takes_its_file_fields_from_its_nar(tmp_path: Path) -> None:
     """Re-encoding changes only the NAR row: every narinfo of it is served with the new
     file fields, and the path's own lines unchanged."""
