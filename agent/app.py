@@ -1,9 +1,11 @@
 """The composition root: every part of the agent is built here, from the configuration, and
 started and stopped here, in one exit stack (stopped in the reverse order of starting).
 
-Three listeners share the parts:
+The listeners share the parts:
   - the Unix socket: cache protocol + health + the admin API (prewarm, pins, gc);
   - loopback TCP: cache protocol + health only (what the node's nix-daemon uses);
+  - with --peer-listen, the peer port: the cache protocol for other nodes' agents, behind the
+    shared token, answered without asking further peers (agent/peers/listener.py);
   - the metrics port: /metrics + health (what Prometheus and the kubelet probe).
 """
 
@@ -33,6 +35,8 @@ from agent.flox.watch import GenerationWatch
 from agent.kube import health as kube_health
 from agent.logs import request_id
 from agent.node.realiser import NodeRealiser
+from agent.peers.listener import peer_app
+from agent.peers.tier import PeerTier
 from agent.prefetch import Prefetcher
 from agent.readthrough import ReadThrough
 from agent.serve import admin, cache, health, listeners
@@ -61,6 +65,7 @@ class Parts:
     upkeep: Upkeep
     realiser: NodeRealiser
     background: list[Callable[[], Coroutine[Any, Any, None]]]  # started by the caller
+    peers: PeerTier | None = None
 
     def status(self) -> dict[str, object]:
         store = self.store
@@ -71,10 +76,20 @@ class Parts:
             "entries": store.counts(), "pinned_bytes": store.pins.pinned_bytes(),
             "pins": store.pins.holders(), "disk_full": store.disk_full,
             "upstreams": health.source_states(self.upstreams),  # type: ignore[arg-type]
+            "peers": self.peers.status() if self.peers else {},
             "jobs_running": sum(1 for j in self.prefetcher.jobs.values() if not j.finished),
             "node_store": self.realiser.status(),
             "kubernetes": kube_health.status(),
         }
+
+    def has_narinfo(self, hash_part: str) -> bool:
+        """Whether the store holds this narinfo and its NAR (no fetch)."""
+        row = self.store.narinfo_row(hash_part)
+        return row is not None and row.committed
+
+    def health_routes(self) -> list[web.RouteDef]:
+        return health.routes(self.store, self.upstreams,  # type: ignore[arg-type]
+                             self.peers.status if self.peers else None)
 
     def environments(self) -> list[dict[str, object]]:
         return self.realiser.annotate([e.to_json() for e in self.prefetcher.environments()])
@@ -93,6 +108,11 @@ async def build(config: Config) -> AsyncIterator[Parts]:
             Upstream(url, timeouts, config.circuit_failures, config.circuit_cooldown,
                      config.upstream_redirect_origin))
             for url in config.upstreams]
+        # Peers are asked before the upstreams (a peer's answer is verified the same way).
+        peers = PeerTier.build(config, upstreams)
+        if peers:
+            await peers.source.start()
+            stack.push_async_callback(peers.source.close)
         background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         recompressor = None
         if config.recompress != "none":
@@ -101,7 +121,7 @@ async def build(config: Config) -> AsyncIterator[Parts]:
                                         config.recompress_grace)
             background.append(recompressor.run)
         readthrough = ReadThrough(
-            store, list(upstreams), list(config.public_keys),
+            store, [*([peers.source] if peers else []), *upstreams], list(config.public_keys),
             require_signatures=config.require_signatures, signing_key=config.signing_key,
             negative_ttl=config.negative_ttl, recompress_level=config.recompress_level,
             on_committed=recompressor.submit if recompressor else lambda file: None)
@@ -135,10 +155,12 @@ async def build(config: Config) -> AsyncIterator[Parts]:
                 options=KubeOptions(warm_taint=config.warm_taint,
                                     warm_taint_timeout=config.warm_taint_timeout),
                 pin_holders=store.pins.holders))
+        if peers:
+            background += peers.jobs(config.kubernetes_enabled())
         metrics.STORE_BUDGET.set(upkeep.budget())
         prefetcher.resume()
         yield Parts(config, store, upstreams, readthrough, sender, prefetcher, upkeep, realiser,
-                    background)
+                    background, peers)
 
 
 # --- the HTTP applications -------------------------------------------------------------------
@@ -208,7 +230,7 @@ def cache_app(parts: Parts, listener: str, with_admin: bool) -> web.Application:
     middlewares = [observe(listener), *([admin.json_errors] if with_admin else [])]
     app = web.Application(middlewares=middlewares, client_max_size=admin.MAX_BODY)
     app.add_routes(cache.routes(parts.readthrough, parts.sender, parts.store.cache_info))
-    app.add_routes(health.routes(parts.store, parts.upstreams))  # type: ignore[arg-type]
+    app.add_routes(parts.health_routes())
     if with_admin:
         app.add_routes(admin.routes(parts.prefetcher, parts.status, parts.environments,
                                     parts.upkeep.collect_garbage))
@@ -223,9 +245,17 @@ def metrics_app(parts: Parts) -> web.Application:
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     app = web.Application(middlewares=[observe("metrics")])
-    app.add_routes([web.get("/metrics", scrape),
-                    *health.routes(parts.store, parts.upstreams)])  # type: ignore[arg-type]
+    app.add_routes([web.get("/metrics", scrape), *parts.health_routes()])
     return app
+
+
+def peers_app(parts: Parts, peers: PeerTier) -> web.Application:
+    """The cache protocol for other agents: forwarded requests, never relayed further."""
+    readthrough = parts.readthrough
+    return peer_app(cache.routes(readthrough, parts.sender, parts.store.cache_info,
+                                 forwarded=True),
+                    peers.token, resolve=functools.partial(readthrough.narinfo, forwarded=True),
+                    has_narinfo=parts.has_narinfo, middlewares=[observe("peer")])
 
 
 # --- the process ---------------------------------------------------------------------------
@@ -292,13 +322,19 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         host, port = config.listen_addr
         await _listen(stack, cache_app(parts, "tcp", with_admin=False),
                       lambda r: listeners.tcp_site(r, "tcp", host, port, limits))
+        if parts.peers and config.peer_addr:  # before /readyz: an agent that answers it is a peer
+            phost, pport = config.peer_addr
+            await _listen(stack, peers_app(parts, parts.peers),
+                          lambda r: listeners.tcp_site(r, "peer", phost, pport,
+                                                       listeners.peer_limits(limits)))
         mhost, mport = config.metrics_addr
         await _listen(stack, metrics_app(parts),
                       lambda r: listeners.tcp_site(r, "metrics", mhost, mport, metrics_limits))
         await _background(stack, parts.background)
         log.info("agent ready", extra={"fields": {
             "store": str(config.store), "socket": str(config.socket), "listen": config.listen,
-            "metrics": config.metrics_listen, "upstreams": list(config.upstreams)}})
+            "metrics": config.metrics_listen, "upstreams": list(config.upstreams),
+            "peer_listen": config.peer_listen}})
         if ready:
             ready()
         await stop.wait()

@@ -202,6 +202,9 @@ async def status(args: argparse.Namespace) -> int:
     if st["budget_exceeds_disk"]:
         out.print("  [yellow]the budget is more than the disk can hold: it fills before "
                   "eviction starts (lower --store-budget)[/]")
+    if st.get("peers"):
+        out.print("peers: " + ", ".join(f"{p} ({state})" for p, state in st["peers"].items()),
+                  markup=False)
     node = st.get("node_store") or {"mode": "off"}
     realising = node["mode"] != "off"
     if realising:

@@ -69,6 +69,11 @@ def _hostport_check(text: str) -> None:
     parse_hostport(text)
 
 
+def _peer_check(url: str) -> None:
+    if not re.fullmatch(r"https?://[^/\s]+/?", url):
+        raise ConfigError(f"peer {url!r} is not an http(s)://HOST:PORT URL")
+
+
 def setting(default: Any, help: str, *, metavar: str | None = None,
             choices: tuple[str, ...] = (), name: str | None = None,
             at_least: float | None = None, above: float | None = None,
@@ -189,6 +194,23 @@ class Config:
                               default_text="empty: off")
     warm_taint_timeout: float = setting(600.0, "remove the warm taint after this long even if "
                                         "not warm", metavar="SECONDS", above=0)
+    peers: tuple[str, ...] = setting(
+        (), "another node's agent (its --peer-listen as http://HOST:PORT); repeatable or "
+        "comma-separated", metavar="URL", name="peer", check=_peer_check, default_text="none")
+    peer_listen: str | None = setting(None, "listener for other nodes' agents, the address "
+                                      "peers reach this node at", metavar="HOST:PORT",
+                                      check=_hostport_check, default_text="off")
+    peer_token_file: Path | None = setting(
+        None, "cluster-shared secret peers authenticate with (required with peers)",
+        metavar="FILE", default_text="none")
+    peer_service: str | None = setting(
+        None, "headless Service whose ready endpoints are the peers (EndpointSlices, watched; "
+        "needs the Kubernetes API)", metavar="NAME", default_text="none")
+    peer_namespace: str | None = setting(None, "namespace of --peer-service", metavar="NS",
+                                         default_text="$POD_NAMESPACE, else the service "
+                                         "account's")
+    peer_timeout: float = setting(1.0, "connect timeout to a peer; a failing peer is skipped "
+                                  "for --circuit-cooldown", metavar="SECONDS", above=0)
     realise_into_node: str = setting(
         "off", "pinned: make pinned closures valid in the node's own Nix store through its "
         "nix-daemon, GC-rooted while pinned", choices=("off", "pinned"))
@@ -220,6 +242,15 @@ class Config:
     def metrics_addr(self) -> tuple[str, int]:
         return parse_hostport(self.metrics_listen)
 
+    @property
+    def peer_addr(self) -> tuple[str, int] | None:
+        return parse_hostport(self.peer_listen) if self.peer_listen else None
+
+    @property
+    def peers_enabled(self) -> bool:
+        """Whether this agent asks peers (static ones, or discovered through its Service)."""
+        return bool(self.peers or self.peer_service)
+
     def budget_bytes(self, filesystem_bytes: int) -> int:
         return parse_budget(self.store_budget, filesystem_bytes)
 
@@ -248,7 +279,27 @@ class Config:
                               "(downward API) or --node-name")
         if self.require_signatures and not keys:
             raise ConfigError("signatures are required but no --trusted-public-key is set")
+        self._validate_peers()
         return replace(self, public_keys=keys, signing_key=secret)
+
+    def _validate_peers(self) -> None:
+        if not (self.peers_enabled or self.peer_listen):
+            return
+        if self.peer_token_file is None:
+            raise ConfigError("peers need the cluster-shared secret: set --peer-token-file")
+        if self.peers_enabled and not self.require_signatures:
+            # Without signatures, a peer could make up a narinfo and matching bytes.
+            raise ConfigError("peers are trusted for nothing but availability: they need "
+                              "signature checks (drop --no-require-signatures)")
+        from agent.peers.protocol import PeerToken, PeerTokenError
+
+        try:
+            PeerToken(self.peer_token_file).value()
+        except PeerTokenError as e:
+            raise ConfigError(str(e)) from None
+        if self.peer_service and self.kubernetes == "off":
+            raise ConfigError("peer-service discovers peers through the Kubernetes API, "
+                              "which --kubernetes off turns off")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

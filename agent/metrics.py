@@ -24,12 +24,12 @@ HTTP_DURATION = Histogram(f"{P}_http_request_duration_seconds",
                           ["endpoint"], buckets=LATENCY)
 LOOKUPS = Counter(f"{P}_lookups_total",
                   "Cache lookups by kind (narinfo, nar) and where the answer came from: local "
-                  "(hit), upstream (miss that fetched), coalesced (miss that joined a fetch "
-                  "in flight), not_found, error",
+                  "(hit), upstream or peer (miss that fetched from there), coalesced (miss "
+                  "that joined a fetch in flight), not_found, error",
                   ["kind", "source"])
 SERVED_BYTES = Counter(f"{P}_served_bytes_total",
-                       "Bytes of NARs sent to clients, by source (local store or streamed from "
-                       "an upstream fetch)", ["source"])
+                       "Bytes of NARs sent to clients, by source (local store, or streamed from "
+                       "an upstream or peer fetch)", ["source"])
 COALESCED_WAITERS = Gauge(f"{P}_coalesced_waiters",
                           "Clients currently waiting on a fetch another request started")
 OPEN_CONNECTIONS = Gauge(f"{P}_open_connections", "Client connections open, by listener",
@@ -66,6 +66,28 @@ CIRCUIT_OPEN = Gauge(f"{P}_upstream_circuit_open",
                      "1 while the circuit breaker keeps an upstream out of use", ["upstream"])
 VERIFY_FAILURES = Counter(f"{P}_verification_failures_total",
                           "Upstream or stored data rejected by verification", ["reason"])
+
+# --- peers (the cluster tier) ---------------------------------------------------------------
+PEER_REQUESTS = Counter(f"{P}_peer_requests_total", "Requests sent to peer agents",
+                        ["peer", "kind", "code"])
+PEER_ERRORS = Counter(f"{P}_peer_errors_total",
+                      "Peer requests that failed (timeouts, 5xx, resets, open circuit)",
+                      ["peer", "reason"])
+PEER_DURATION = Histogram(f"{P}_peer_request_duration_seconds",
+                          "Peer request time, until the last byte", ["peer", "kind"],
+                          buckets=UPSTREAM_LATENCY)
+PEER_BYTES = Counter(f"{P}_peer_received_bytes_total", "Bytes received from peer agents",
+                     ["peer"])
+PEER_CIRCUIT_OPEN = Gauge(f"{P}_peer_circuit_open",
+                          "1 while the circuit breaker keeps a peer out of use", ["peer"])
+PEER_REJECTED = Counter(f"{P}_peer_rejected_total",
+                        "Narinfos and NARs from a peer refused by verification (the peer's "
+                        "circuit is opened)", ["peer", "reason"])
+PEERS_LIVE = Gauge(f"{P}_peers", "Live peer agents this agent may fetch from (itself excluded)")
+PEER_SERVED_BYTES = Counter(f"{P}_peer_served_bytes_total",
+                            "Bytes of narinfos and NARs sent to peer agents")
+PEER_UNAUTHORIZED = Counter(f"{P}_peer_unauthorized_total",
+                            "Requests to the peer listener refused for a missing or wrong token")
 
 # --- store -----------------------------------------------------------------------------------
 STORE_BYTES = Gauge(f"{P}_store_used_bytes", "Bytes the store counts against its budget: NAR "
@@ -154,9 +176,9 @@ def initialise() -> None:
     """Create every known label combination at zero, so `rate()` and `increase()` see the first
     increments after a restart (a labelled series otherwise appears only at its first event)."""
     for kind in ("narinfo", "nar"):
-        for source in ("local", "upstream", "coalesced", "not_found", "error"):
+        for source in ("local", "upstream", "peer", "coalesced", "not_found", "error"):
             LOOKUPS.labels(kind, source)
-    for source in ("local", "upstream"):
+    for source in ("local", "upstream", "peer"):
         SERVED_BYTES.labels(source)
     for kind in ("narinfo", "nar"):
         DIRECT_READS.labels(kind)

@@ -1,6 +1,6 @@
 """The read-through path: the one owner of "give me this narinfo / this NAR".
 
-Every consumer (the HTTP routes, prefetch, and later peers asking this node) calls
+Every consumer (the HTTP routes, prefetch, and other agents through the peer listener) calls
 `narinfo(hash)` or `open_nar(file)`. The answer comes from, in order:
   1. the local store (committed entries);
   2. a transfer already in flight (any number of askers share one download);
@@ -8,11 +8,18 @@ Every consumer (the HTTP routes, prefetch, and later peers asking this node) cal
 Every byte from a remote source is verified (narinfo signature; FileSize, FileHash, NarSize,
 NarHash) before it is committed to the store or completes any client's stream.
 
+One hop: a request another agent forwarded to this one (`forwarded=True`, the peer listener's)
+is answered from the store and the sources that do not relay it (`Source.relays`) only, and
+joins only narinfo fetches that relay nothing: otherwise two agents whose views of the cluster
+differ could each wait on the other's fetch. A NAR transfer it starts asks its source with
+`relay=False`; it may join a transfer in flight (which does not wait on it).
+
 `open_nar` returns a NarHandle: a committed file or a live transfer, which holds the file's
 in-use mark (eviction and scrub skip it) and records the access while it is open.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -36,20 +43,29 @@ NOT_FOUND = "not found in any upstream"
 
 
 class Source(Protocol):
-    """A binary cache the read-through path asks on a miss (an upstream; later a peer).
+    """A binary cache the read-through path asks on a miss (an upstream, or the peers).
 
     `get_narinfo` returns the narinfo of the path, or None when the source does not have it;
     both it and `nar` raise UpstreamError when the source cannot answer or answers something
-    else (never "not found")."""
+    else (never "not found"). `relays(hash)`: whether asking it for that path may make another
+    agent fetch it (the peers); `nar(url, relay=False)` must not. `rejected(url, reason)` is
+    told when what it sent for a narinfo or NAR URL failed verification, and returns a narinfo
+    hash to look up again (from the other sources), if any."""
 
     name: str    # in logs
     url: str     # identity: recorded with a NAR not yet fetched, to fetch it from there
-    kind: str    # metric label of what it served: "upstream" (later "peer")
+    kind: str    # metric label of what it served: "upstream" or "peer"
     throughput: float  # measured bytes/s, 0 until known
     breaker: CircuitBreaker
+    # Whether clients may read a NAR from it before the whole file is verified (the newest
+    # chunk is held back either way); a peer's bytes reach clients only verified.
+    stream_unverified: bool
 
     async def get_narinfo(self, hash_part: str) -> NarInfo | None: ...
-    def nar(self, url: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+    def nar(self, url: str, *,
+            relay: bool = True) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+    def relays(self, hash_part: str) -> bool: ...
+    def rejected(self, url: str, reason: str) -> str | None: ...
 
 
 class Unavailable(Exception):
@@ -65,7 +81,7 @@ class Lookup:
 
     def __init__(self, row: NarInfoRow | None, source: str, reason: str = NOT_FOUND) -> None:
         self.row = row
-        self.source = source  # local | coalesced | upstream (a Source's kind) | not_found
+        self.source = source  # local | coalesced | upstream, peer (a Source's kind) | not_found
         self.reason = reason  # why row is None, for people ("signed by an untrusted key: ...")
 
 
@@ -83,7 +99,8 @@ class ReadThrough:
         self.recompress_level = recompress_level
         self._on_committed = on_committed
         self._negative: dict[str, tuple[float, str]] = {}  # hash -> (until, reason)
-        self._narinfo_inflight: dict[str, asyncio.Future[Lookup]] = {}
+        # (hash, whether the fetch relays to another agent) -> the fetch in flight
+        self._narinfo_inflight: dict[tuple[str, bool], asyncio.Future[Lookup]] = {}
         self._transfers: dict[str, Transfer] = {}
         self._in_use: Counter[str] = Counter()
         self._counters: dict[tuple[str, str], metrics.Counter] = {}
@@ -97,9 +114,10 @@ class ReadThrough:
 
     # --- narinfo ---------------------------------------------------------------------------
 
-    async def narinfo(self, hash_part: str) -> Lookup:
+    async def narinfo(self, hash_part: str, forwarded: bool = False) -> Lookup:
         """The narinfo for a hash part; Lookup.row is None when no source has it. Raises
-        Unavailable when a source that might have it could not answer."""
+        Unavailable when a source that might have it could not answer. `forwarded`: another
+        agent asks (never relayed further)."""
         row = self.store.narinfo_row(hash_part)
         if row is not None:
             self.store.touch_narinfo(hash_part)
@@ -110,15 +128,17 @@ class ReadThrough:
             self._count("narinfo", "not_found")
             return Lookup(None, "not_found", reason)
         try:
-            found = await self._coalesced_narinfo(hash_part)
+            found = await self._coalesced_narinfo(hash_part, forwarded)
         except Unavailable:
             self._count("narinfo", "error")
             raise
         self._count("narinfo", found.source)
         return found
 
-    async def _coalesced_narinfo(self, hash_part: str) -> Lookup:
-        inflight = self._narinfo_inflight.get(hash_part)
+    async def _coalesced_narinfo(self, hash_part: str, forwarded: bool) -> Lookup:
+        inflight = self._narinfo_inflight.get((hash_part, False))
+        if inflight is None and not forwarded:
+            inflight = self._narinfo_inflight.get((hash_part, True))
         if inflight is not None:
             metrics.COALESCED_WAITERS.inc()
             try:
@@ -126,15 +146,17 @@ class ReadThrough:
                 return Lookup(found.row, "coalesced", found.reason)
             finally:
                 metrics.COALESCED_WAITERS.dec()
-        task = asyncio.ensure_future(self._fetch_narinfo(hash_part))
-        self._narinfo_inflight[hash_part] = task
-        task.add_done_callback(lambda _: self._narinfo_inflight.pop(hash_part, None))
+        sources = [s for s in self.sources if not (forwarded and s.relays(hash_part))]
+        key = (hash_part, any(s.relays(hash_part) for s in sources))
+        task = asyncio.ensure_future(self._fetch_narinfo(hash_part, sources))
+        self._narinfo_inflight[key] = task
+        task.add_done_callback(lambda _: self._narinfo_inflight.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _fetch_narinfo(self, hash_part: str) -> Lookup:
+    async def _fetch_narinfo(self, hash_part: str, sources: list[Source]) -> Lookup:
         errors: list[UpstreamError] = []
         reason = NOT_FOUND
-        for source in self.sources:
+        for source in sources:
             try:
                 info = await source.get_narinfo(hash_part)
             except UpstreamError as e:
@@ -145,6 +167,7 @@ class ReadThrough:
             problem = self._signature_problem(info)
             if problem is not None:  # the path is not available from here: a miss, with why
                 reason = _rejected(source, info, problem)
+                source.rejected(f"{hash_part}.narinfo", "signature")
                 continue
             log.info("narinfo fetched", extra={"fields": {
                 "source": source.name, "store_path": info.store_path.path(),
@@ -176,27 +199,28 @@ class ReadThrough:
 
     # --- NAR -------------------------------------------------------------------------------
 
-    def open_nar(self, file: str) -> "NarHandle":
+    def open_nar(self, file: str, forwarded: bool = False) -> "NarHandle":
         """A committed NAR or the transfer that is fetching it (started if needed), to be used
-        at once as `async with`. Raises
-        UnknownNar when no narinfo names the file, Unavailable when its source is gone."""
+        at once as `async with`. Raises UnknownNar when no narinfo names the file,
+        Unavailable when its source is gone. `forwarded`: another agent asks."""
         row = self.store.nar_row(file)
         if row is not None and row.committed and not self.store.nar_present(file):
             self.store.lose_nar(file)  # deleted behind our back: a miss from now on
             row = None
         if row is None:
-            return self._stream_again(file)
+            return self._stream_again(file, forwarded)
         if row.committed:
             self._count("nar", "local")
-            return NarHandle(self, row, "local", None)
+            return NarHandle(self, row, "local", None, "local")
         try:
-            transfer, joined = self._transfer(row)
+            transfer, joined = self._transfer(row, forwarded)
         except Unavailable:
             self._count("nar", "error")
             raise
-        source = "coalesced" if joined else self._source(row).kind
+        kind = self._source(row).kind
+        source = "coalesced" if joined else kind
         self._count("nar", source)
-        return NarHandle(self, row, source, transfer)
+        return NarHandle(self, row, source, transfer, kind)
 
     async def fetch_nar(self, file: str) -> int:
         """Make a NAR present (prefetch); returns the bytes fetched from a source (0 if it was
@@ -215,7 +239,7 @@ class ReadThrough:
         received = await transfer.wait()
         return 0 if joined else received
 
-    def _stream_again(self, file: str) -> "NarHandle":
+    def _stream_again(self, file: str, forwarded: bool) -> "NarHandle":
         """A NAR the store no longer holds (evicted or lost after a client read its narinfo,
         or never stored on a full disk): streamed from its source, verified, not cached. The
         original of a re-encoded NAR is re-encoded on the way; if that does not give the
@@ -229,9 +253,9 @@ class ReadThrough:
         metrics.NAR_REFETCHES.inc()
         self._count("nar", source.kind)
         url = row.source_url or ""
-        opener = in_encoding(lambda: source.nar(url), row.compression, self.recompress_level,
-                             self.store.run_io)
-        return NarHandle(self, row, source.kind, None, opener)
+        opener = in_encoding(lambda: source.nar(url, relay=not forwarded), row.compression,
+                             self.recompress_level, self.store.run_io)
+        return NarHandle(self, row, source.kind, None, source.kind, opener)
 
     def _find_source(self, row: NarRow) -> Source | None:
         if row.source_url is None:
@@ -244,14 +268,23 @@ class ReadThrough:
             raise Unavailable(f"no configured source serves {row.file}")
         return source
 
-    def _transfer(self, row: NarRow) -> tuple[Transfer, bool]:
+    def _transfer(self, row: NarRow, forwarded: bool = False) -> tuple[Transfer, bool]:
         """The download of this NAR in flight, started if needed: (transfer, joined)."""
         running = self._transfers.get(row.file)
         if running is not None and not running.done:  # a finished one failed: not committed
             return running, True
         source, url = self._source(row), row.source_url or ""
-        transfer = Transfer(self.store, row.file, row.expected(), lambda: source.nar(url),
-                            source.name, self._on_committed)
+
+        async def refused(reason: str) -> None:
+            again = source.rejected(url, reason)
+            if again:  # look it up elsewhere before the clients, who got nothing, retry
+                with contextlib.suppress(Exception):
+                    await self.narinfo(again, forwarded)
+
+        transfer = Transfer(self.store, row.file, row.expected(),
+                            lambda: source.nar(url, relay=not forwarded), source.name,
+                            self._on_committed, verified_only=not source.stream_unverified,
+                            on_rejected=refused)
         self._transfers[row.file] = transfer
         transfer.task.add_done_callback(lambda _: self._transfers.pop(row.file, None))
         return transfer, False
@@ -265,11 +298,11 @@ class ReadThrough:
     def _acquire(self, file: str) -> None:
         self._in_use[file] += 1
 
-    def _release(self, file: str, served: int, source: str) -> None:
+    def _release(self, file: str, served: int, source: str, kind: str) -> None:
         self._in_use[file] -= 1
         if self._in_use[file] <= 0:
             del self._in_use[file]
-        metrics.SERVED_BYTES.labels("local" if source == "local" else "upstream").inc(served)
+        metrics.SERVED_BYTES.labels(kind).inc(served)
         if source in ("local", "coalesced"):
             self.count_savings(served)
 
@@ -295,10 +328,12 @@ class NarHandle:
     While open it keeps the file in use; it records the access and the bytes served."""
 
     def __init__(self, owner: ReadThrough, row: NarRow, source: str,
-                 transfer: Transfer | None, uncached: NarOpener | None = None) -> None:
+                 transfer: Transfer | None, kind: str,
+                 uncached: NarOpener | None = None) -> None:
         self._owner = owner
         self.row = row
-        self.source = source
+        self.source = source  # the lookup's: local, coalesced or the source's kind
+        self.kind = kind      # where the bytes come from: local or the source's kind
         self.transfer = transfer
         self._uncached = uncached  # streamed from the source, not stored
         self.served = 0  # body bytes the consumer sent on
@@ -333,7 +368,7 @@ class NarHandle:
     async def __aexit__(self, *exc: object) -> None:
         if self.source == "coalesced":
             metrics.COALESCED_WAITERS.dec()
-        self._owner._release(self.row.file, self.served, self.source)
+        self._owner._release(self.row.file, self.served, self.source, self.kind)
 
 
 def _rejected(source: Source, info: NarInfo, problem: str) -> str:

@@ -28,6 +28,9 @@ bandwidth, starts the real agent and runs, for each --recompress mode on fresh a
   cold starts: the ml closure through a cold agent (vs direct from the upstream) and through a
     warm agent (vs `nix copy` from the file:// uncompressed cache on the same disk)
   RSS: the agent's peak RSS while many clients stream the ml closure through a cold agent
+  5 rollout to N nodes: N agents on their own loopback addresses, M pods each start the web
+    environment at once, without then with peers: upstream bytes / closure bytes (N without
+    peers, 1.00 with) and the pods' wall time (first --recompress mode only)
 
 Prints a table and writes JSON with every measurement, its baseline, ratio, target and the
 machine. All load goes to 127.0.0.1 or Unix sockets; every loop is bounded in count and time.
@@ -67,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
       "the agent's single event loop)")
     a("--xz-level", type=int, default=1, help="xz level of the upstream cache (default 1: "
       "publishing at -6 runs ~2 MB/s here; decoding speed barely depends on it)")
+    a("--nodes", type=int, default=4, help="nodes (agents) of the rollout-to-N-nodes scenario "
+      "(default 4)")
+    a("--pods-per-node", type=int, default=2, help="concurrent nix copy clients per node in "
+      "the rollout-to-N-nodes scenario (default 2)")
     a("--settle-limit", type=float, default=300.0, help="longest wait for the agent to serve "
       "re-encoded narinfos before a warm measurement (default 300 s)")
     return p
@@ -85,7 +92,7 @@ def options(args: argparse.Namespace) -> runner.Options:
         storm_seconds=args.storm_seconds or prof.storm_seconds,
         storm_connections=args.storm_connections, open_loop_rate=args.open_loop_rate,
         nginx_workers=args.nginx_workers, xz_level=args.xz_level,
-        settle_limit=args.settle_limit)
+        settle_limit=args.settle_limit, nodes=args.nodes, pods_per_node=args.pods_per_node)
 
 
 def main(argv: list[str] | None = None) -> int:

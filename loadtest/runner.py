@@ -4,8 +4,10 @@ fresh agent for each of: cold/warm clients + cold starts + storms + throughput, 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from loadtest.closures import Caches, Environments, Profile
 from loadtest.http import Target
 from loadtest.report import Measurement
 from loadtest.report import Target as Goal
-from tests.support.agent import AgentProcess
+from tests.support.agent import AgentProcess, free_port
 from tests.support.upstream import UpstreamServer
 
 MIB = 1024 * 1024
@@ -38,6 +40,8 @@ class Options:
     nginx_workers: int
     xz_level: int
     settle_limit: float
+    nodes: int = 4
+    pods_per_node: int = 2
 
 
 @dataclass
@@ -81,6 +85,7 @@ async def run(opts: Options, envs: Environments, caches: Caches) -> Run:
             await main_agent(r, mode)
             await rollout(r, mode)
             rss(r, mode)
+        await rollout_nodes(r, opts.modes[0])
         compare_modes(r)
         r.out += await node_realise.pod_starts(r.tmp("node-realise"), up.url,
                                                caches.uncompressed, r.keys,
@@ -290,6 +295,65 @@ async def rollout(r: Run, mode: str) -> None:
                           target=Goal("<=", 0, text="= 0")))
     finally:
         agent.stop()
+
+
+# --- scenario 5: rollout to N nodes, with and without peers --------------------------------
+
+
+def _nodes(r: Run, mode: str, token: Path | None) -> list[AgentProcess]:
+    """N agents, each on its own loopback address (127.0.0.10+i) as on separate nodes; with
+    `token`, each knows the others as peers."""
+    hosts = [f"127.0.0.{10 + i}" for i in range(r.opts.nodes)]
+    peer_ports = [free_port() for _ in hosts]
+    peers = [a for h, p in zip(hosts, peer_ports, strict=True)
+             for a in ("--peer", f"http://{h}:{p}")] if token else []
+    agents: list[AgentProcess] = []
+    try:
+        for host, port in zip(hosts, peer_ports, strict=True):
+            extra = [*peers, "--peer-listen", f"{host}:{port}",
+                     "--peer-token-file", str(token)] if token else []
+            agents.append(AgentProcess(r.tmp(f"node-{host}"), [r.up.url], r.keys,
+                                       "--recompress", mode, "--log-level", "info", *extra,
+                                       host=host).start())
+    except BaseException:
+        for a in agents:
+            a.stop()
+        raise
+    return agents
+
+
+async def rollout_nodes(r: Run, mode: str) -> None:
+    """N cold nodes with M pods each start the web environment at once, without then with
+    peers: upstream bytes per closure byte (N without peers, 1 with) and the pods' wall time."""
+    n, m = r.opts.nodes, r.opts.pods_per_node
+    token = r.tmp("peer-token") / "token"
+    token.write_text(secrets.token_hex(32) + "\n")
+    wall: dict[bool, float] = {}
+    for with_peers in (False, True):
+        agents = _nodes(r, mode, token if with_peers else None)
+        try:
+            r.up.reset_counts()
+            t0 = time.perf_counter()
+            copies = await asyncio.gather(*(
+                sc.nix_copies(a.url, r.envs.web.roots[0], r.keys, r.tmp("pods"), m)
+                for a in agents))
+            wall[with_peers] = time.perf_counter() - t0
+        finally:
+            for a in agents:
+                a.stop()
+        label = "with peers" if with_peers else "no peers"
+        for c in copies:
+            _check(r, c, f"rollout to {n} nodes, {label}")
+        usage = sc.upstream_usage(r.up, r.caches, r.envs.web.paths)
+        upstream_bytes = usage["upstream_bytes_per_unique_nar"] * usage["unique_nars"]
+        r.add(Measurement(
+            "5 rollout to N nodes", f"{n} nodes x {m} pods, {label}: upstream bytes / closure "
+            "bytes", upstream_bytes / usage["nar_bytes_unique"], "x", better="lower",
+            recompress=mode, details={"usage": usage},
+            target=Goal("<=", 1.0, text="= 1.00") if with_peers else None))
+    r.add(Measurement("5 rollout to N nodes", f"{n} nodes x {m} pods: wall with peers",
+                      wall[True], "s", better="lower", recompress=mode,
+                      baseline_name="without peers", baseline_value=wall[False]))
 
 
 # --- peak RSS ------------------------------------------------------------------------------

@@ -22,8 +22,10 @@ NAR_TYPE = "application/x-nix-nar"
 NARINFO_HEADERS = {"Content-Type": NARINFO_TYPE}
 
 
-def routes(readthrough: ReadThrough, sender: FileSender, cache_info: Callable[[], str]) \
-        -> list[web.RouteDef]:
+def routes(readthrough: ReadThrough, sender: FileSender, cache_info: Callable[[], str],
+           forwarded: bool = False) -> list[web.RouteDef]:
+    """The cache protocol's routes; `forwarded`: for the peer listener (agent/peers/), whose
+    requests other agents forwarded here and which are never relayed further."""
     async def nix_cache_info(request: web.Request) -> web.Response:
         return web.Response(text=cache_info(), content_type="text/x-nix-cache-info")
 
@@ -32,7 +34,7 @@ def routes(readthrough: ReadThrough, sender: FileSender, cache_info: Callable[[]
         if not is_hash_part(hash_part):
             raise web.HTTPNotFound(text="not a store path hash\n")
         try:
-            found = await readthrough.narinfo(hash_part)
+            found = await readthrough.narinfo(hash_part, forwarded)
         except Unavailable as e:
             return _unavailable(str(e))
         if found.row is None:
@@ -53,7 +55,7 @@ def routes(readthrough: ReadThrough, sender: FileSender, cache_info: Callable[[]
         if not is_nar_file(file):
             raise web.HTTPNotFound(text="not a NAR file name\n")
         try:
-            handle = readthrough.open_nar(file)
+            handle = readthrough.open_nar(file, forwarded)
         except UnknownNar:
             raise web.HTTPNotFound(text="unknown NAR: fetch its narinfo first\n") from None
         except Unavailable as e:

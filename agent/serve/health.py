@@ -2,6 +2,7 @@
 
 import json
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -14,7 +15,9 @@ def source_states(sources: list[Source]) -> dict[str, str]:
     return {s.name: "circuit_open" if s.breaker.is_open else "ok" for s in sources}
 
 
-def routes(store: Store, sources: list[Source]) -> list[web.RouteDef]:
+def routes(store: Store, sources: list[Source],
+           peers: Callable[[], dict[str, str]] | None = None) -> list[web.RouteDef]:
+    """`sources`: the upstreams; `peers`: the state of each peer, with peers."""
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -32,6 +35,8 @@ def routes(store: Store, sources: list[Source]) -> list[web.RouteDef]:
         checks["free_bytes"] = store.free_bytes()
         checks["upstreams"] = source_states(sources)
         checks["kubernetes"] = kube_health.status()  # per-watcher health, never unready
+        if peers is not None:
+            checks["peers"] = peers()
         degraded = store.disk_full or any(s.breaker.is_open for s in sources)
         body = {"ready": ready, "degraded": degraded, "checks": checks, "time": time.time()}
         return web.Response(status=200 if ready else 503, text=json.dumps(body) + "\n",

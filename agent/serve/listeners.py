@@ -50,7 +50,11 @@ LINGER = 2.0
 ACCEPT_BATCH = 64  # connections accepted per wake-up, so the loop serves others in a burst
 RESERVED_FDS = 64  # index, logs, thread pools, git and its pipes
 MIN_CONNECTIONS = 8
-OPTIONS = {"unix": "--socket", "tcp": "--listen", "metrics": "--metrics-listen"}
+OPTIONS = {"unix": "--socket", "tcp": "--listen", "metrics": "--metrics-listen",
+           "peer": "--peer-listen"}
+# The peer listener's cap (agent/peers/): each other agent holds at most a small pool, and the
+# cap keeps peers from taking the descriptors the node's own clients need.
+PEER_MAX_CONNECTIONS = 256
 REASONS = ("header_timeout", "idle_timeout", "evicted", "refused")
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 44\r\n\r\n"
@@ -88,7 +92,8 @@ def prepare_limits(config: Config) -> tuple[Limits, Limits]:
     open_files = raise_open_files_limit()
     wanted = Limits(config.max_connections, config.header_timeout, config.keepalive_timeout)
     reserved = (RESERVED_FDS + CONNECTIONS_PER_UPSTREAM * len(config.upstreams)
-                + METRICS_LIMITS.max_connections)  # a probe or scrape holds only its socket
+                + METRICS_LIMITS.max_connections  # a probe or scrape holds only its socket
+                + (FDS_PER_CONNECTION * PEER_MAX_CONNECTIONS if config.peer_listen else 0))
     room = (open_files - reserved) // (2 * FDS_PER_CONNECTION)
     if room < MIN_CONNECTIONS:
         need = reserved + 2 * FDS_PER_CONNECTION * MIN_CONNECTIONS
@@ -100,6 +105,11 @@ def prepare_limits(config: Config) -> tuple[Limits, Limits]:
             "open_file_limit": open_files}})
         wanted = replace(wanted, max_connections=room)
     return wanted, METRICS_LIMITS
+
+
+def peer_limits(limits: Limits) -> Limits:
+    """The peer listener's: a cache listener's, capped at PEER_MAX_CONNECTIONS."""
+    return replace(limits, max_connections=min(limits.max_connections, PEER_MAX_CONNECTIONS))
 
 
 class Listener:

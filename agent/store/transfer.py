@@ -25,8 +25,10 @@ from agent.nix.verify import Expected, NarVerifier, VerificationError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CHUNK = 256 * 1024
-# Opens the NAR's bytes at its source (an upstream, later a peer), as an async iterator.
+# Opens the NAR's bytes at its source (an upstream or the peers), as an async iterator.
 NarOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]
+# Told why the source's bytes failed verification, once they are discarded.
+OnRejected = Callable[[str], Awaitable[None]]
 
 
 class StoreFull(Exception):
@@ -50,7 +52,11 @@ class TransferStore(Protocol):
 
 class Transfer:
     def __init__(self, store: TransferStore, file: str, expected: Expected, opener: NarOpener,
-                 source: str, on_committed: Callable[[str], None]) -> None:
+                 source: str, on_committed: Callable[[str], None], *,
+                 verified_only: bool = False, on_rejected: OnRejected | None = None) -> None:
+        """`verified_only`: clients read nothing before the whole file is verified (a source
+        not trusted to stream, a peer); `on_rejected` runs after a verification failure,
+        before the clients are told."""
         self.store = store
         self.file = file
         self.expected = expected
@@ -58,6 +64,8 @@ class Transfer:
         self.source = source
         self._open = opener
         self._on_committed = on_committed
+        self._verified_only = verified_only
+        self._on_rejected = on_rejected
         self.written = 0      # bytes in the temporary file
         self.visible = 0      # bytes readers may send (the newest chunk waits for verification)
         self.received = 0
@@ -91,7 +99,8 @@ class Transfer:
                     await self.store.run_io(self._absorb, verifier, chunk)
                     if self.store_error:
                         raise StoreFull(f"store write failed: {self.store_error.strerror}")
-                    self.visible = self.written - len(chunk)
+                    if not self._verified_only:
+                        self.visible = self.written - len(chunk)
                     self._notify()
             await self.store.run_io(verifier.finish)
             try:
@@ -110,6 +119,8 @@ class Transfer:
             self.store.discard_pending(self.file)
             log.warning("nar rejected", extra={"fields": {
                 **fields, "reason": e.reason, "error": str(e)}})
+            if self._on_rejected:
+                await self._on_rejected(e.reason)
         except asyncio.CancelledError:
             self.error = SourceFailed("shutting down")
             raise
@@ -178,7 +189,7 @@ class Transfer:
                 elif self.store_error is not None:
                     # The store cannot hold it: this client gets its own uncached stream.
                     async for data in passthrough(self.store, self.expected, self._open,
-                                                  skip=pos):
+                                                  skip=pos, on_rejected=self._on_rejected):
                         yield data
                     return
                 elif self.done:
@@ -193,7 +204,8 @@ class Transfer:
 
 
 async def passthrough(store: TransferStore, expected: Expected, opener: NarOpener,
-                      skip: int = 0) -> AsyncIterator[bytes]:
+                      skip: int = 0, on_rejected: OnRejected | None = None) \
+        -> AsyncIterator[bytes]:
     """Stream a NAR from its source without caching, verified like any other transfer: the
     last chunk is held back until the whole file matched."""
     verifier = NarVerifier(expected)
@@ -210,6 +222,8 @@ async def passthrough(store: TransferStore, expected: Expected, opener: NarOpene
         await store.run_io(verifier.finish)
     except VerificationError as e:
         metrics.VERIFY_FAILURES.labels(e.reason).inc()
+        if on_rejected:
+            await on_rejected(e.reason)
         raise
     if pos + len(held) > skip:
         yield held[max(0, skip - pos):]

@@ -247,8 +247,9 @@ def test_the_agent_tolerates_the_warm_taint(kustomization: str) -> None:
 
 
 @pytest.mark.parametrize("kustomization", INSTALLS)
-def test_warm_taint_is_on_exactly_with_its_component(kustomization: str) -> None:
-    cfg = agent_configuration(kustomization)
+def test_warm_taint_is_on_exactly_with_its_component(kustomization: str,
+                                                     peer_token: Path) -> None:
+    cfg = agent_configuration(kustomization, peer_token)
     if "warm-taint" in kustomization.split("+"):
         assert (cfg.warm_taint, cfg.warm_taint_timeout) == (WARM_TAINT, 600)
     else:
@@ -359,19 +360,30 @@ def test_agent_arguments(kustomization: str) -> None:
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
 
 
-def agent_configuration(kustomization: str) -> agent_config.Config:
+@pytest.fixture(scope="module")
+def peer_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stands for the mounted peer token Secret (tests/peers checks the mount)."""
+    token = tmp_path_factory.mktemp("peer-token") / "token"
+    token.write_text("s3cret\n")
+    return token
+
+
+def agent_configuration(kustomization: str, peer_token: Path) -> agent_config.Config:
     """The manifest's args through the agent's own parser, its env through the config loader
-    (NODE_NAME, from the downward API, as node-a)."""
+    (NODE_NAME, from the downward API, as node-a; the peer token file as `peer_token`)."""
     args = cli.parser().parse_args(agent_container(kustomization)["args"])
     assert args.command == "run"
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
     env = {e["name"]: e.get("value", "node-a") for e in agent_container(kustomization)["env"]}
+    if "FLOX_NODE_CACHE_PEER_TOKEN_FILE" in env:
+        env["FLOX_NODE_CACHE_PEER_TOKEN_FILE"] = str(peer_token)
     return agent_config.load(args.config, flags, env)
 
 
 @pytest.mark.parametrize("kustomization", INSTALLS)
-def test_agent_configuration_is_accepted_by_the_agent(kustomization: str) -> None:
-    cfg = agent_configuration(kustomization)
+def test_agent_configuration_is_accepted_by_the_agent(kustomization: str,
+                                                      peer_token: Path) -> None:
+    cfg = agent_configuration(kustomization, peer_token)
     assert cfg.node_name == "node-a"
     assert (cfg.log_format, cfg.store_budget) == ("json", "25%")
     assert cfg.kubernetes == "on"
@@ -453,6 +465,8 @@ AGENT_RULES = {
     ("nodecache.flox.dev", "nodeprewarms"): {"get", "create", "list", "watch"},
     ("nodecache.flox.dev", "nodeprewarms/status"): {"patch"},
     ("", "events"): {"create"},
+    # Peer discovery (components/peers): the agent's own Service's EndpointSlices.
+    ("discovery.k8s.io", "endpointslices"): LIST_WATCH,
 }
 PREWARMER_RULES = {
     ("nodecache.flox.dev", "environmentprewarms"): {"get", "create", "patch", "delete"},

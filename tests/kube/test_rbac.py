@@ -6,6 +6,7 @@ To grant a new call: exercise it in one of the flows below, then add it to rbac.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from rich.console import Console
 
 from agent.kube.rollout import EXIT_FAILED, EXIT_OK, delete_prewarm, prewarm_cluster
+from agent.peers.membership import Membership, watch_endpoint_slices
 from tests.kube import FAST, Agents, FakePrewarmer, eventually, kubeapi, node, pod
 from tests.support.kubeapi import RBAC_YAML, FakeKubeAPI
 from tests.support.kuberbac import service_account_user
@@ -47,8 +49,8 @@ def used(api: FakeKubeAPI, account: tuple[str, str]) -> set[Grant]:
 async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
     """Everything the agent does: watch all it watches, report Ready and Failed (an Event),
     delete a finished prewarm after its TTL, hold the aggregator's lease and aggregate, remove
-    the warm taint from its node, and (restarted) prune its entries of a prewarm deleted while
-    it was down."""
+    the warm taint from its node, (restarted) prune its entries of a prewarm deleted while
+    it was down, and follow its peers' EndpointSlices (components/peers)."""
     config = str(api.write_kubeconfig(tmp_path / "agent", service_account=AGENT))
     api.create({**node("n1"), "spec": {"taints": [WARMING]}})
     api.create(pod("web", "n1", "flox/web"))
@@ -57,6 +59,9 @@ async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
     pw.fail_with["flox/broken"] = "upstream says no"
     # The failing prewarm keeps the node from warming: the taint goes at its timeout.
     agents.start("n1", pw, options=replace(FAST, warm_taint=WARMING["key"], warm_taint_timeout=1))
+    peers = asyncio.create_task(watch_endpoint_slices(
+        Membership(None), kubeconfig=config, namespace="flox-node-cache",
+        service="flox-node-cache-peers", own_hosts=set(), node_name="n1"))
     try:
         for name, refs, ttl in (("ok", ["flox/redis"], None), ("bad", ["flox/broken"], None),
                                 ("brief", ["flox/redis"], 0)):
@@ -72,7 +77,7 @@ async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
             in ("Ready", "Failed") for o in api.list("EnvironmentPrewarm")))
         await eventually(lambda: all(api.open_watches(p) for p in (
             "nodes", "pods", "environmentprewarms", "deployments", "statefulsets",
-            "daemonsets", "jobs", "cronjobs", "nodeprewarms")))
+            "daemonsets", "jobs", "cronjobs", "nodeprewarms", "endpointslices")))
         def renewed() -> str:
             return api.get("Lease", LEASE, "flox-node-cache")["spec"]["renewTime"]
 
@@ -81,6 +86,8 @@ async def agent_flows(api: FakeKubeAPI, tmp_path: Path) -> None:
         await eventually(lambda: not (api.get("Node", "n1").get("spec") or {}).get("taints"),
                          what="the warm taint removed")
     finally:
+        peers.cancel()
+        await asyncio.gather(peers, return_exceptions=True)
         await agents.stop()
 
 

@@ -31,9 +31,10 @@ from tests.support.upstream import Fault, UpstreamServer
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "flox-node-cache.json"
 PROMETHEUS_RULE = ROOT / "daemonset" / "components" / "monitoring" / "prometheusrule.yaml"
-ROWS = ["Overview", "Traffic", "Upstream", "Store", "Prewarm", "Agent health"]
+ROWS = ["Overview", "Traffic", "Upstream", "Store", "Prewarm", "Agent health", "Peers"]
 QUICK = "download-attempts = 1\nstalled-download-timeout = 10\nconnect-timeout = 5\n"
 
+NO_PEERS = "the test agent has no peers (tests/peers exercises them)"
 # Panel queries ("row/panel title/refId") the test traffic cannot exercise, and why.
 MAY_BE_EMPTY = {
     "Store/Evictions/A": "nothing is evicted: the store stays far below its budget",
@@ -43,6 +44,12 @@ MAY_BE_EMPTY = {
     "Agent health/Kubernetes watch restarts/A": "the agent runs with --kubernetes off",
     "Prewarm/Node store realise time p99/A": "the agent runs with --realise-into-node off "
                                              "(tests/node covers realisation)",
+    "Peers/Egress saved by peers/A": NO_PEERS,
+    "Peers/Egress saved by peers per node/A": NO_PEERS,
+    "Peers/Peer errors and refusals/A": NO_PEERS,
+    "Peers/Peer errors and refusals/B": NO_PEERS,
+    "Peers/Peer circuit open/A": NO_PEERS,
+    "Peers/Peer latency p99/A": NO_PEERS,
 }
 # Queries that return series, legitimately all zero after the test traffic, and why. Every
 # other exercised query must show a value above zero.
@@ -61,6 +68,8 @@ MAY_BE_ZERO = {
     "Prewarm/Node store rooted vs budget/B": "the agent runs with --realise-into-node off",
     "Agent health/Connections closed by the agent/A": "the test's clients are quick and few",
     "Agent health/Connections closed by the agent/B": "no client stops reading a NAR",
+    "Peers/Live peers/A": NO_PEERS,
+    "Peers/Served to peers/A": NO_PEERS,
 }
 
 

@@ -38,21 +38,36 @@ def _entry(char: str, content: bytes, refs: tuple[str, ...] = ()) -> tuple[NarIn
 
 
 class FakeSource:
-    """A binary cache in memory that counts what it is asked and can fail on purpose."""
+    """A binary cache in memory that counts what it is asked and can fail on purpose. With
+    `relays`, it stands for the peers: asking it makes another agent fetch, and its NAR bytes
+    reach clients only verified."""
 
-    kind = "upstream"
     throughput = 0.0
 
     def __init__(self, name: str, entries: dict[str, tuple[NarInfo, bytes]] | None = None, *,
-                 error: bool = False, gate: asyncio.Event | None = None) -> None:
+                 error: bool = False, gate: asyncio.Event | None = None,
+                 relays: bool = False) -> None:
         self.name, self.url = name, f"fake://{name}/"
         self.entries = entries or {}
         self.error = error
         self.gate = gate  # NAR bytes wait for it: lets a test pile up concurrent askers
         self.breaker = CircuitBreaker(name, 3, 30)
         self.narinfo_calls: list[str] = []
-        self.nar_calls: list[str] = []
+        self.nar_calls: list[tuple[str, bool]] = []  # (url, relay)
+        self.refusals: list[tuple[str, str]] = []
         self.tamper = False
+        self._relays = relays
+        self.kind = "peer" if relays else "upstream"
+        self.stream_unverified = not relays
+
+    def relays(self, hash_part: str) -> bool:
+        return self._relays
+
+    def rejected(self, url: str, reason: str) -> str | None:
+        self.refusals.append((url, reason))
+        hash_part = next((h for h, (info, _) in self.entries.items() if info.url == url), None)
+        self.entries.pop(hash_part or "", None)  # like a peer's open circuit: not asked again
+        return hash_part if self._relays else None
 
     async def get_narinfo(self, hash_part: str) -> NarInfo | None:
         self.narinfo_calls.append(hash_part)
@@ -63,8 +78,8 @@ class FakeSource:
         return entry[0] if entry else None
 
     @asynccontextmanager
-    async def nar(self, url: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        self.nar_calls.append(url)
+    async def nar(self, url: str, *, relay: bool = True) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.nar_calls.append((url, relay))
         data = next(packed for info, packed in self.entries.values() if info.url == url)
         if self.tamper:
             data = data[:-10] + bytes(b ^ 1 for b in data[-10:])
@@ -137,7 +152,7 @@ async def test_concurrent_askers_share_one_narinfo_and_one_nar_fetch(store: Stor
     assert file in rt.busy()  # being written and read: never evicted meanwhile
     gate.set()
     bodies = await asyncio.gather(*readers)
-    assert source.nar_calls == [info.url]
+    assert source.nar_calls == [(info.url, True)]
     assert set(bodies) == {packed}
     assert rt.busy() == set()
     assert store.nar_row(file).committed
@@ -191,3 +206,60 @@ async def test_a_committed_nar_is_in_use_while_its_handle_is_open(store: Store) 
     assert rt.busy() == set()
     with pytest.raises(UnknownNar):
         rt.open_nar("nar/" + "0" * 52 + ".nar.xz")
+
+
+async def test_a_forwarded_request_is_never_relayed_nor_joins_a_fetch_that_relays(
+        store: Store) -> None:
+    entries = {c * 32: _entry(c, c.encode()) for c in "jk"}
+    peers = FakeSource("peers", entries, relays=True)
+    up = FakeSource("up", entries)
+    rt = _readthrough(store, peers, up)
+    # A local client's fetch asks the peers; a forwarded request meanwhile does not join it
+    # (that fetch may wait on the agent that forwarded) and goes to the upstream.
+    local = asyncio.create_task(rt.narinfo("j" * 32))
+    await asyncio.sleep(0)
+    forwarded = await rt.narinfo("j" * 32, forwarded=True)
+    assert (await local).source == "peer" and forwarded.source == "upstream"
+    assert peers.narinfo_calls == ["j" * 32] and up.narinfo_calls == ["j" * 32]
+    # A forwarded request's fetch relays nothing, so a local client may join it.
+    forwarded_task = asyncio.create_task(rt.narinfo("k" * 32, forwarded=True))
+    await asyncio.sleep(0)
+    assert (await rt.narinfo("k" * 32)).source == "coalesced"
+    assert (await forwarded_task).source == "upstream"
+    assert peers.narinfo_calls == ["j" * 32] and up.narinfo_calls == ["j" * 32, "k" * 32]
+
+
+async def test_a_nar_from_the_peers_is_fetched_without_relaying_for_a_forwarded_request(
+        store: Store) -> None:
+    info, packed = _entry("m", b"m" * 1000)
+    peers = FakeSource("peers", {"m" * 32: (info, packed)}, relays=True)
+    rt = _readthrough(store, peers)
+    file = (await rt.narinfo("m" * 32)).row.nar_file
+    async with rt.open_nar(file, forwarded=True) as nar:
+        assert nar.source == "peer"
+        assert b"".join([c async for c in nar.chunks()]) == packed
+    assert peers.nar_calls == [(info.url, False)]
+
+
+async def test_bytes_of_a_source_not_trusted_to_stream_reach_nobody_until_verified(
+        store: Store) -> None:
+    noise = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(2000))
+    info, packed = _entry("n", noise)  # incompressible: many chunks
+    assert len(packed) > 10_000
+    peers = FakeSource("peers", {"n" * 32: (info, packed)}, relays=True)
+    peers.tamper = True
+    up = FakeSource("up", {"n" * 32: (info, packed)})
+    rt = _readthrough(store, peers, up)
+    found = await rt.narinfo("n" * 32)
+    assert found.source == "peer"
+    received = bytearray()
+    with pytest.raises(Exception, match=r"FileHash|corrupt"):
+        async with rt.open_nar(found.row.nar_file) as nar:
+            async for chunk in nar.chunks():
+                received += chunk
+    assert received == b""  # a peer's bytes are held back whole, not just the last chunk
+    assert [url for url, _ in peers.refusals] == [info.url]
+    # The refusal looked the path up again before the client was told: the upstream has it.
+    assert up.narinfo_calls == ["n" * 32]
+    assert await _read_all(rt, found.row.nar_file) == packed
+    assert up.nar_calls == [(info.url, True)]

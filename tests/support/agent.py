@@ -25,18 +25,22 @@ class AgentProcess:
     """`flox-node-cache run` with its store, socket and ports in `workdir`."""
 
     def __init__(self, workdir: Path, upstreams: list[str], keys: list[str],
-                 *extra: str, store: Path | None = None, env: dict[str, str] | None = None) -> None:
+                 *extra: str, store: Path | None = None, env: dict[str, str] | None = None,
+                 host: str = "127.0.0.1", wrap: list[str] | None = None) -> None:
+        """`host`: the address every listener binds; `wrap`: a command prefix, such as
+        `ip netns exec NS` to run the agent on a test host (tests/support/netns.py)."""
         self.workdir = workdir
         self.store = store or workdir / "store"
         self.socket = workdir / "run" / "agent.sock"
         self.port = free_port()
         self.metrics_port = free_port()
         self.log_path = workdir / "agent.log"
+        self.host = host
         self.args = [
-            sys.executable, "-m", "agent", "run",
+            *(wrap or []), sys.executable, "-m", "agent", "run",
             "--store", str(self.store), "--socket", str(self.socket),
-            "--listen", f"127.0.0.1:{self.port}",
-            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            "--listen", f"{host}:{self.port}",
+            "--metrics-listen", f"{host}:{self.metrics_port}",
             "--log-format", "json", "--log-level", "debug", "--kubernetes", "off",
             *[a for u in upstreams for a in ("--upstream", u)],
             *[a for k in keys for a in ("--trusted-public-key", k)],
@@ -47,11 +51,11 @@ class AgentProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
+        return f"http://{self.host}:{self.metrics_port}"
 
     def start(self, timeout: float = 20) -> "AgentProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)

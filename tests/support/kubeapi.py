@@ -102,6 +102,8 @@ RESOURCES = [
     Resource("apps", "v1", "statefulsets", "StatefulSet", True),
     Resource("apps", "v1", "daemonsets", "DaemonSet", True),
     Resource("batch", "v1", "jobs", "Job", True),
+    Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True,
+             status_subresource=False, generation=False),
     Resource("batch", "v1", "cronjobs", "CronJob", True),
     Resource("coordination.k8s.io", "v1", "leases", "Lease", True, status_subresource=False,
              generation=False),

@@ -117,8 +117,9 @@ def _badly_signed(body: bytes) -> bytes:
 
 class UpstreamServer:
     def __init__(self, root: Path, *, latency: float = 0.0,
-                 bandwidth: float | None = None) -> None:
+                 bandwidth: float | None = None, host: str = "127.0.0.1") -> None:
         self.root = Path(root).resolve()
+        self.host = host  # e.g. a test network's bridge address, for agents in namespaces
         self.latency = latency
         self.bandwidth = bandwidth
         self.port = 0
@@ -135,7 +136,7 @@ class UpstreamServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> UpstreamServer:
         ready = threading.Event()
@@ -185,7 +186,7 @@ class UpstreamServer:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, 0)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
