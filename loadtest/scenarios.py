@@ -51,18 +51,20 @@ async def warm_start(r: Run, mode: str) -> None:
             store = f"file://{agent.store.resolve()}"
             nginx_url = f"http://127.0.0.1:{nginx.targets[agent.store.resolve()][0].port}"
 
-            def realise(subs: list[str], pids: Pids, what: str) -> Variant:
+            def realise(subs: list[str], server: Pids | None, what: str) -> Variant:
                 async def one() -> Sample:
-                    with CpuMeter(pids) as cpu:
+                    before = _agent_requests(agent)
+                    with CpuMeter(server or NO_PIDS) as cpu:
                         c = await ld.nix_realises(subs, ml.roots[0], r.keys, r.tmp("warm"))
                     r.check(c, f"warm start, {what} ({mode})")
-                    return Sample(c.wall_s, cpu.seconds, len(ml.paths),
-                                  {"client_cpu_s": c.client_cpu_s})
+                    return Sample(c.wall_s, cpu.seconds if server else None, len(ml.paths),
+                                  {"client_cpu_s": c.client_cpu_s,
+                                   "agent_requests": _agent_requests(agent) - before})
                 return one
 
             res = await interleave({
-                "file": realise([f"file://{r.caches.uncompressed.resolve()}"], NO_PIDS, "file"),
-                "store": realise([store], NO_PIDS, "file:// agent store"),
+                "file": realise([f"file://{r.caches.uncompressed.resolve()}"], None, "file"),
+                "store": realise([store], None, "file:// agent store"),
                 "nginx": realise([nginx_url], nginx.pids, "nginx"),
                 "agent": realise([agent.url], agent_pids(agent), "agent HTTP"),
                 "overlay": realise([store, agent.url], agent_pids(agent), "overlay"),
@@ -88,7 +90,8 @@ def _warm_start_rows(r: Run, mode: str, res: dict[str, list[Sample]]) -> None:
                           better="lower", transport="tcp" if name != "store" else None,
                           recompress=mode, baseline_name=WARM_NAMES[base],
                           baseline_samples=values(res[base]), target=target,
-                          details={"closure": closure}))
+                          details={"closure": closure, "runs": _runs(res[name]),
+                                   "baseline_runs": _runs(res[base])}))
     client = {k: [float(s.details["client_cpu_s"]) for s in v]  # type: ignore[arg-type]
               for k, v in res.items()}
     r.add(Measurement("warm start", "ml: Nix client CPU, agent HTTP",
@@ -97,6 +100,24 @@ def _warm_start_rows(r: Run, mode: str, res: dict[str, list[Sample]]) -> None:
                       baseline_samples=client["nginx"]))
     _cpu_row(r, "warm start", "ml: server CPU per path (narinfo + NAR)",
              res["agent"], res["nginx"], "tcp", mode)
+    # Misses fall through to the agent; a warm agent's store answers everything else.
+    r.add(Measurement("warm start", "ml: overlay config: requests that reached the agent",
+                      [float(s.details["agent_requests"]) for s in res["overlay"]], "req",  # type: ignore[arg-type]
+                      better="lower", transport="tcp", recompress=mode,
+                      baseline_name="agent HTTP alone",
+                      baseline_samples=[float(s.details["agent_requests"])  # type: ignore[arg-type]
+                                        for s in res["agent"]]))
+
+
+def _agent_requests(agent: AgentProcess) -> float:
+    """Requests the agent's TCP listener has answered so far (its own metric)."""
+    return agent.metric("flox_node_cache_http_requests_total", listener="tcp")
+
+
+def _runs(samples: list[Sample]) -> list[dict[str, object]]:
+    """What each run cost: the server's CPU (None for file://; the agent's, for the overlay:
+    what the store directory did not answer) and the Nix client's."""
+    return [{"server_cpu_s": s.cpu_s, **s.details} for s in samples]
 
 
 def _cpu_row(r: Run, scenario: str, name: str, ours: list[Sample], theirs: list[Sample],

@@ -122,6 +122,15 @@ def test_the_warm_start_has_its_three_baselines_and_the_overlay(results: dict) -
             ("ml: nginx on agent's store", "file:// agent's store"),
             ("ml: Nix client CPU, agent HTTP", "nginx on agent's store")} <= set(warm)
     assert all(warm[k]["verdict"] in VERDICTS for k in targets)
+    overlay = warm[next(iter(targets))]
+    assert all(run["server_cpu_s"] is not None for run in overlay["details"]["runs"])
+    assert all(run["server_cpu_s"] is None for run in overlay["details"]["baseline_runs"])
+    # The overlay's node reads the warm agent's store directly: only nix-cache-info reaches
+    # the agent, while through HTTP alone every narinfo and NAR does.
+    reached = warm[("ml: overlay config: requests that reached the agent", "agent HTTP alone")]
+    paths = results["closures"]["ml"]["paths"]
+    assert reached["samples"] == [1.0] * 3
+    assert all(n >= 2 * paths for n in reached["baseline_samples"])
 
 
 def test_cpu_per_request_is_reported_beside_the_rates(results: dict) -> None:
