@@ -156,6 +156,10 @@ async def cold_start(r: Run, mode: str) -> None:
                       better="lower", transport="tcp", recompress=mode,
                       baseline_name="direct from upstream",
                       baseline_samples=values(res["direct"])))
+    if (cpu := cpu_per_request_us(res["agent"])) is not None:
+        r.add(Measurement("cold start", "ml: agent CPU per path (fetch, verify, serve, "
+                          "re-encode)", cpu, "µs CPU", better="lower", transport="tcp",
+                          recompress=mode))
 
 
 # --- narinfo storms --------------------------------------------------------------------------
