@@ -103,20 +103,28 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.monotonic(), os.getloadavg()
     envs, caches = runner.prepare(opts)
     setup_s = time.monotonic() - started
-    r = asyncio.run(runner.run(opts, envs, caches, chosen))
+
+    def save(r: runner.Run) -> None:
+        """Write the results so far: JSON and the Markdown table beside it."""
+        meta = {"size": opts.profile.name, "scenarios": [s.name for s in chosen],
+                "completed": list(r.seconds), "closures": envs.describe(),
+                "unique_paths": len(envs.all_paths), "notes": r.notes,
+                "options": {k: str(v) for k, v in vars(opts).items()},
+                "load_average": {"before": load_before, "after": os.getloadavg()},
+                "setup_seconds": round(setup_s, 1), "scenario_seconds": r.seconds,
+                "total_seconds": round(time.monotonic() - started, 1)}
+        report.write_json(args.json, r.out, meta)
+        args.json.with_suffix(".md").write_text(report.markdown(r.out))
+
+    if opts.repeats < 3:
+        print(f"note: --repeats {opts.repeats}: fewer than 3 rounds, verdicts are indicative")
+    r = asyncio.run(runner.run(opts, envs, caches, chosen, save))
     if opts.repeats < 3:
         r.notes.append(f"--repeats {opts.repeats}: fewer than 3 rounds, verdicts are indicative")
+    save(r)
     report.print_table(r.out)
     for note in r.notes:
         print(f"note: {note}")
-    meta = {"size": opts.profile.name, "scenarios": [s.name for s in chosen],
-            "closures": envs.describe(), "unique_paths": len(envs.all_paths), "notes": r.notes,
-            "options": {k: str(v) for k, v in vars(opts).items()},
-            "load_average": {"before": load_before, "after": os.getloadavg()},
-            "setup_seconds": round(setup_s, 1), "scenario_seconds": r.seconds,
-            "total_seconds": round(time.monotonic() - started, 1)}
-    report.write_json(args.json, r.out, meta)
-    args.json.with_suffix(".md").write_text(report.markdown(r.out))
     print(f"results: {args.json} and {args.json.with_suffix('.md')}")
     return 0
 

@@ -111,8 +111,10 @@ def prepare(opts: Options) -> tuple[Environments, Caches]:
     return envs, closures.publish(opts.workdir, envs, opts.xz_level)
 
 
-async def run(opts: Options, envs: Environments, caches: Caches,
-              scenarios: list[Scenario]) -> Run:
+async def run(opts: Options, envs: Environments, caches: Caches, scenarios: list[Scenario],
+              done: Callable[[Run], None] = lambda r: None) -> Run:
+    """Run `scenarios` for every mode; `done` sees the results after each one (so an
+    interrupted long run keeps what it measured)."""
     with UpstreamServer(caches.upstream, latency=opts.latency, bandwidth=opts.bandwidth) as up:
         r = Run(opts, envs, caches, up)
         try:
@@ -121,6 +123,7 @@ async def run(opts: Options, envs: Environments, caches: Caches,
                     started = time.monotonic()
                     await s.run(r, mode)
                     r.seconds[f"{s.name} ({mode})"] = round(time.monotonic() - started, 1)
+                    done(r)
         finally:
             shutil.rmtree(opts.workdir / "tmp", ignore_errors=True)
     return r

@@ -395,18 +395,19 @@ async def rss(r: Run, mode: str) -> None:
         r.notes.append(f"RSS clients ({mode}): {res['errors']} errors")
 
 
+# The default run goes in this order: the quick scenarios first, the long `clients` last.
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("warm-start", "a warm node's cold start (ml): as the overlay configures the node "
              "and through the agent's HTTP alone, vs file:// uncompressed, file:// on the "
              "agent's store and nginx on the agent's store", warm_start),
-    Scenario("cold-start", "ml through a fresh agent vs straight from the upstream", cold_start),
     Scenario("narinfo", "narinfo lookups: 1 keep-alive connection, many connections, p99 at a "
              "fixed open-loop rate; TCP and Unix; vs nginx", narinfo),
     Scenario("throughput", "every NAR of ml over 1 and 16 connections; TCP and Unix; vs nginx "
              "on the agent's store", throughput),
-    Scenario("clients", "N nodes at once (web): direct, cold agent, warm agent; upstream "
-             "requests per unique NAR", clients),
+    Scenario("cold-start", "ml through a fresh agent vs straight from the upstream", cold_start),
+    Scenario("rss", "peak RSS while many clients stream ml through a cold agent", rss),
     Scenario("rollout", "prewarm (POST /v1/prewarm), then N pods start: 0 upstream requests",
              rollout),
-    Scenario("rss", "peak RSS while many clients stream ml through a cold agent", rss),
+    Scenario("clients", "N nodes at once (web): direct, cold agent, warm agent; upstream "
+             "requests per unique NAR", clients),
 )}

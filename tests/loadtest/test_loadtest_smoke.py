@@ -70,6 +70,7 @@ def test_json_describes_the_machine_load_and_sizes(results: dict) -> None:
     assert m["nproc"] >= 1 and m["memory_bytes"] > 0 and m["cpu_model"]
     assert len(results["load_average"]["before"]) == 3
     assert results["size"] == "tiny" and results["scenarios"] == list(SCENARIOS)
+    assert results["completed"] == [f"{name} (zstd)" for name in SCENARIOS]
     assert set(results["closures"]) == {"base", "web", "ml"}
     # Shared base: the union is smaller than the sum of the environments.
     c = results["closures"]
