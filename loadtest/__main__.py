@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from loadtest import closures, report, runner
+from loadtest.scenarios import SCENARIOS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,25 +19,21 @@ DESCRIPTION = """\
 Builds realistic closures with the real Nix (three environments sharing a base: hundreds of
 paths at the default size, 1 KiB to hundreds of MB), publishes them as an xz upstream cache and
 an uncompressed file:// cache, serves the upstream on loopback with per-request latency and
-bandwidth, starts the real agent and runs, for each --recompress mode on fresh agents:
+bandwidth, then runs each scenario for each --recompress mode on fresh agents (the real CLI).
 
-  1 narinfo storm: sequential on one keep-alive connection, concurrent over many, and p99 at a
-    fixed open-loop rate; over the Unix socket and loopback TCP; vs nginx serving the upstream
-  2 NAR throughput of the whole ml closure with 1 and 16 connections, warm; Unix and TCP; vs
-    nginx serving the agent's own store directory (the same files)
-  3 N concurrent real `nix copy` clients of the web closure against a cold agent then a warm
-    one: wall time, upstream requests and bytes per unique NAR; vs N clients direct
-  4 rollout: prewarm the web environment (POST /v1/prewarm) then N pods start
-  cold starts: the ml closure through a cold agent (vs direct from the upstream) and through a
-    warm agent (vs `nix copy` from the file:// uncompressed cache on the same disk)
-  RSS: the agent's peak RSS while many clients stream the ml closure through a cold agent
-  5 rollout to N nodes: N agents on their own loopback addresses, M pods each start the web
-    environment at once, without then with peers: upstream bytes / closure bytes (N without
-    peers, 1.00 with) and the pods' wall time (first --recompress mode only)
+Every comparison runs interleaved (A B A B ..., --repeats rounds): a ratio is the median of the
+per-round ratios with their range, and a target is met only when the whole range meets it
+("inconclusive" when the range straddles it). The serving process's CPU time (from
+/proc/<pid>/stat) is reported per request beside the wall-clock rates.
 
-Prints a table and writes JSON with every measurement, its baseline, ratio, target and the
-machine. All load goes to 127.0.0.1 or Unix sockets; every loop is bounded in count and time.
-Needs root, nix (nix-bin), nginx (/usr/sbin/nginx)."""
+Scenarios (--scenario, default all):
+""" + "\n".join(textwrap.fill(s.summary, 94, initial_indent=f"  {s.name:<11} ",
+                                subsequent_indent=" " * 14) for s in SCENARIOS.values()) + """
+
+Prints a table and writes JSON (every sample, baseline, ratio, target, verdict, the machine and
+its load average) and the same table as Markdown beside it. All load goes to 127.0.0.1 or Unix
+sockets; every loop is bounded in count and time. Needs root, nix (nix-bin), nginx
+(/usr/sbin/nginx)."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,9 +48,13 @@ def parser() -> argparse.ArgumentParser:
       "the same size (default var/loadtest/<size>)")
     a("--json", type=Path, default=REPO / "loadtest" / "results" / "latest.json",
       help="where to write the JSON results (default loadtest/results/latest.json)")
-    a("--recompress", default="zstd,none",
+    a("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
+      help="run only this scenario (repeatable; default all): " + ", ".join(SCENARIOS))
+    a("--repeats", type=int, default=3, help="interleaved rounds of every comparison "
+      "(default 3; a verdict needs at least 3)")
+    a("--recompress", default="zstd",
       help="comma-separated agent --recompress modes (zstd, uncompressed, none) to run every "
-      "agent scenario with (default zstd,none)")
+      "scenario with (default zstd, the agent's default)")
     a("--latency", type=float, default=0.02, help="upstream per-request latency, seconds "
       "(default 0.02)")
     a("--bandwidth", type=float, default=200.0, help="upstream per-request bandwidth, MB/s; "
@@ -70,10 +73,10 @@ def parser() -> argparse.ArgumentParser:
       "the agent's single event loop)")
     a("--xz-level", type=int, default=1, help="xz level of the upstream cache (default 1: "
       "publishing at -6 runs ~2 MB/s here; decoding speed barely depends on it)")
-    a("--nodes", type=int, default=4, help="nodes (agents) of the rollout-to-N-nodes scenario "
+    a("--nodes", type=int, default=4, help="nodes (agents) of the peer-rollout scenario "
       "(default 4)")
-    a("--pods-per-node", type=int, default=2, help="concurrent nix copy clients per node in "
-      "the rollout-to-N-nodes scenario (default 2)")
+    a("--pods-per-node", type=int, default=2, help="concurrent pods per node in the "
+      "peer-rollout scenario (default 2)")
     a("--settle-limit", type=float, default=300.0, help="longest wait for the agent to serve "
       "re-encoded narinfos before a warm measurement (default 300 s)")
     return p
@@ -84,9 +87,11 @@ def options(args: argparse.Namespace) -> runner.Options:
     modes = [m.strip() for m in args.recompress.split(",") if m.strip()]
     if not modes or any(m not in ("zstd", "uncompressed", "none") for m in modes):
         raise SystemExit("--recompress takes a comma-separated list of zstd, uncompressed, none")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
     return runner.Options(
         profile=prof, workdir=(args.workdir or REPO / "var" / "loadtest" / args.size).resolve(),
-        modes=modes, latency=args.latency,
+        modes=modes, repeats=args.repeats, latency=args.latency,
         bandwidth=args.bandwidth * 1e6 if args.bandwidth > 0 else None,
         clients=args.clients or prof.clients, rss_clients=args.rss_clients or prof.rss_clients,
         storm_seconds=args.storm_seconds or prof.storm_seconds,
@@ -98,20 +103,33 @@ def options(args: argparse.Namespace) -> runner.Options:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     opts = options(args)
-    started = time.monotonic()
+    chosen = [SCENARIOS[n] for n in (args.scenario or SCENARIOS)]
+    started, load_before = time.monotonic(), os.getloadavg()
     envs, caches = runner.prepare(opts)
     setup_s = time.monotonic() - started
-    r = asyncio.run(runner.run(opts, envs, caches))
+
+    def save(r: runner.Run) -> None:
+        """Write the results so far: JSON and the Markdown table beside it."""
+        meta = {"size": opts.profile.name, "scenarios": [s.name for s in chosen],
+                "completed": list(r.seconds), "closures": envs.describe(),
+                "unique_paths": len(envs.all_paths), "notes": r.notes,
+                "options": {k: str(v) for k, v in vars(opts).items()},
+                "load_average": {"before": load_before, "after": os.getloadavg()},
+                "setup_seconds": round(setup_s, 1), "scenario_seconds": r.seconds,
+                "total_seconds": round(time.monotonic() - started, 1)}
+        report.write_json(args.json, r.out, meta)
+        args.json.with_suffix(".md").write_text(report.markdown(r.out))
+
+    if opts.repeats < 3:
+        print(f"note: --repeats {opts.repeats}: fewer than 3 rounds, verdicts are indicative")
+    r = asyncio.run(runner.run(opts, envs, caches, chosen, save))
+    if opts.repeats < 3:
+        r.notes.append(f"--repeats {opts.repeats}: fewer than 3 rounds, verdicts are indicative")
+    save(r)
     report.print_table(r.out)
     for note in r.notes:
         print(f"note: {note}")
-    meta = {"size": opts.profile.name, "closures": envs.describe(),
-            "unique_paths": len(envs.all_paths), "notes": r.notes,
-            "options": {k: str(v) for k, v in vars(opts).items()},
-            "setup_seconds": round(setup_s, 1),
-            "total_seconds": round(time.monotonic() - started, 1)}
-    report.write_json(args.json, r.out, meta)
-    print(f"results: {args.json}")
+    print(f"results: {args.json} and {args.json.with_suffix('.md')}")
     return 0
 
 

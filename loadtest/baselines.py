@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from loadtest.http import Conn, Target
+from loadtest.procstat import children
 from tests.support.agent import free_port
 from tests.support.process import stop_process
 
@@ -92,6 +93,12 @@ class Nginx:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("nginx did not start")
+
+    def pids(self) -> list[int]:
+        """The master and its workers (whose CPU time is what serving costs)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *children(self.proc.pid)]
 
     def stop(self) -> None:
         stop_process(self.proc)

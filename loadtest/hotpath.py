@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtest import closures
-from loadtest import scenarios as sc
+from loadtest import load as ld
 from loadtest.baselines import Nginx
 from loadtest.http import Conn, Target
 from tests.support.agent import AgentProcess
@@ -93,7 +93,7 @@ def nar_load(target: Target, files: list[str], passes: int,
     def run() -> tuple[int, int]:
         total = 0
         for _ in range(passes):
-            n, errors = sc._one_pass(target, files, connections)
+            n, errors = ld._one_pass(target, files, connections)
             if errors:
                 raise RuntimeError(f"{errors} NAR requests failed")
             total += n
@@ -170,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def _warm(agent: AgentProcess, roots: list[str]) -> None:
-    state = await sc.prewarm(agent, roots, timeout=1800)
+    state = await ld.prewarm(agent, roots, timeout=1800)
     if state.get("state") != "succeeded":
         raise RuntimeError(f"prewarm did not succeed: {state}")
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                        "unix": (Target(unix=str(agent.socket)),
                                 nginx.targets[agent.store.resolve()][1])}
             print(f"agent pid {apid}, nginx worker pid {npid}", flush=True)  # for a profiler
-            nar_urls = sc.agent_nar_files(agent, envs.ml.paths)
+            nar_urls = ld.agent_nar_files(agent, envs.ml.paths)
             results = []
             for transport in ("tcp", "unix"):
                 if args.transport not in ("all", transport):

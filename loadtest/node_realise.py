@@ -96,9 +96,9 @@ async def pod_starts(workdir: Path, upstream_url: str, file_cache: Path, keys: l
                                        key=lambda kv: (kv[0][1], hows.index(kv[0][0]))):
         c = closures[name]
         out.append(Measurement(
-            SCENARIO, f"{name} closure, {how}", seconds, "s", better="lower",
+            SCENARIO, f"{name} closure, {how}", [seconds], "s", better="lower",
             baseline_name="file:// uncompressed" if how != "file:// uncompressed" else None,
-            baseline_value=timings[("file:// uncompressed", name)]
+            baseline_samples=[timings[("file:// uncompressed", name)]]
             if how != "file:// uncompressed" else None,
             target=REALISED_GOAL if how == "realised" else None,
             details={"paths": len(c.paths), "nar_bytes": c.total_nar_size}))

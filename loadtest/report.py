@@ -14,53 +14,57 @@ from typing import Literal
 from rich.console import Console
 from rich.table import Table
 
+from loadtest.compare import Spread, Target, Verdict, pair_ratios
+
 Better = Literal["higher", "lower"]
 
 
 @dataclass
-class Target:
-    """`value` (or `ratio` against the baseline when on_ratio) must be <= or >= `bound`."""
-
-    op: Literal["<=", ">="]
-    bound: float
-    on_ratio: bool = False
-    text: str = ""
-
-    def met(self, value: float, ratio: float | None) -> bool | None:
-        x = ratio if self.on_ratio else value
-        if x is None:
-            return None
-        return x <= self.bound if self.op == "<=" else x >= self.bound
-
-
-@dataclass
 class Measurement:
+    """A figure measured `len(samples)` times, optionally against a baseline measured in the
+    same rounds (interleaved: samples[i] ran next to baseline_samples[i])."""
+
     scenario: str
     name: str
-    value: float
+    samples: list[float]
     unit: str
     better: Better = "higher"
     transport: str | None = None  # tcp | unix | None (not a socket measurement)
-    recompress: str | None = None  # the agent's --recompress, None for baselines
+    recompress: str | None = None  # the agent's --recompress
     baseline_name: str | None = None
-    baseline_value: float | None = None
+    baseline_samples: list[float] | None = None
     target: Target | None = None
     details: dict[str, object] = field(default_factory=dict)
 
     @property
-    def ratio(self) -> float | None:
-        if self.baseline_value in (None, 0):
-            return None
-        return self.value / self.baseline_value  # type: ignore[operator]
+    def value(self) -> Spread:
+        return Spread.of(self.samples)
 
     @property
-    def met(self) -> bool | None:
-        return self.target.met(self.value, self.ratio) if self.target else None
+    def baseline(self) -> Spread | None:
+        return Spread.of(self.baseline_samples) if self.baseline_samples else None
+
+    @property
+    def ratio(self) -> Spread | None:
+        """The ratio to the baseline, round by round."""
+        if not self.baseline_samples:
+            return None
+        ratios = pair_ratios(self.samples, self.baseline_samples)
+        return Spread.of(ratios) if ratios else None
+
+    @property
+    def verdict(self) -> Verdict | None:
+        if self.target is None:
+            return None
+        judged = self.ratio if self.target.on_ratio else self.value
+        return self.target.verdict(judged) if judged else None
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
-        d["ratio"] = self.ratio
-        d["met"] = self.met
+        d["value"] = asdict(self.value)
+        d["baseline"] = asdict(self.baseline) if self.baseline else None
+        d["ratio"] = asdict(self.ratio) if self.ratio else None
+        d["verdict"] = self.verdict
         return d
 
 
@@ -109,17 +113,42 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
+def fmt_spread(s: Spread | None, suffix: str = "") -> str:
+    """`median [min-max]`, or the one value of a single sample."""
+    if s is None:
+        return "-"
+    if s.n == 1 or s.lo == s.hi:
+        return f"{_fmt(s.median)}{suffix}"
+    return f"{_fmt(s.median)}{suffix} [{_fmt(s.lo)}-{_fmt(s.hi)}]"
+
+
+COLUMNS = ("scenario", "measurement", "via", "recompress", "value [min-max]", "unit", "baseline",
+           "baseline value", "ratio [min-max]", "target", "verdict")
+
+
+def rows(measurements: list[Measurement]) -> list[tuple[str, ...]]:
+    return [(m.scenario, m.name, m.transport or "", m.recompress or "", fmt_spread(m.value),
+             m.unit, m.baseline_name or "", fmt_spread(m.baseline), fmt_spread(m.ratio, "x"),
+             m.target.text if m.target else "", m.verdict or "") for m in measurements]
+
+
 def table(measurements: list[Measurement]) -> Table:
     t = Table(title="flox-node-cache loadtest", show_lines=False)
-    for col in ("scenario", "measurement", "via", "recompress", "value", "unit", "baseline",
-                "baseline value", "ratio", "target", "met"):
+    for col in COLUMNS:
         t.add_column(col, overflow="fold")
-    for m in measurements:
-        met = {True: "[green]yes[/]", False: "[red]NO[/]", None: ""}[m.met]
-        t.add_row(m.scenario, m.name, m.transport or "", m.recompress or "", _fmt(m.value),
-                  m.unit, m.baseline_name or "", _fmt(m.baseline_value), _fmt(m.ratio),
-                  m.target.text if m.target else "", met)
+    style = {"met": "[green]met[/]", "missed": "[red]MISSED[/]",
+             "inconclusive": "[yellow]inconclusive[/]", "": ""}
+    for row in rows(measurements):
+        t.add_row(*row[:-1], style[row[-1]])
     return t
+
+
+def markdown(measurements: list[Measurement]) -> str:
+    """The same table as Markdown, for loadtest/README.md."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |"
+              for row in rows(measurements)]
+    return "\n".join(lines) + "\n"
 
 
 def print_table(measurements: list[Measurement], console: Console | None = None) -> None:

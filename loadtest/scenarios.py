@@ -1,372 +1,420 @@
-"""Load generators and the scenarios built on them.
+"""The scenarios, and the registry `--scenario` picks from.
 
-Every loop is bounded in count and in time; all load goes to 127.0.0.1 or a Unix socket.
+Each scenario measures one path of the agent for one --recompress mode, on agents of its own,
+and compares it with its baselines in interleaved rounds (compare.interleave): every ratio is
+the median of per-round ratios, with their range. Adding a scenario is one function and one
+entry in SCENARIOS.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import queue
-import shutil
-import subprocess
-import threading
+import inspect
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
-from loadtest.closures import Caches, nar_files
-from loadtest.http import AsyncConn, Conn, Target
-from loadtest.report import percentiles
+from loadtest import cluster
+from loadtest import load as ld
+from loadtest.baselines import Nginx
+from loadtest.compare import Sample, Target, Variant, cpu_per_request_us, interleave, values
+from loadtest.http import Target as Server
+from loadtest.procstat import CpuMeter, RssSampler
+from loadtest.report import Measurement
+from loadtest.runner import Run, Scenario
 from tests.support.agent import AgentProcess
-from tests.support.nixenv import hash_part, nix_copy_async
-from tests.support.upstream import UpstreamServer
+from tests.support.nixenv import hash_part
+
+MIB = 1024 * 1024
+Pids = Callable[[], Iterable[int]]
+NO_PIDS: Pids = list
+Measured = TypeVar("Measured")
+
+
+def agent_pids(agent: AgentProcess) -> Pids:
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    return lambda: [pid]
+
+
+# --- warm start: a pod whose closure the agent holds -----------------------------------------
+
+
+async def warm_start(r: Run, mode: str) -> None:
+    """A cold node realises the ml closure from a warm agent, as the overlay configures the
+    node's Nix (the agent's store read as file:// first, its HTTP URL for misses), and through
+    the HTTP listener alone; vs file:// uncompressed (the local limit), file:// on the agent's
+    store and nginx serving the agent's store (the same bytes over the same protocol)."""
+    ml = r.envs.ml
+    agent = await r.warm_agent(mode, ml.roots, ml.paths, "warm start")
+    try:
+        with Nginx([agent.store], r.opts.nginx_workers) as nginx:
+            store = f"file://{agent.store.resolve()}"
+            nginx_url = f"http://127.0.0.1:{nginx.targets[agent.store.resolve()][0].port}"
+
+            def realise(subs: list[str], server: Pids | None, what: str) -> Variant:
+                async def one() -> Sample:
+                    before = _agent_requests(agent)
+                    with CpuMeter(server or NO_PIDS) as cpu:
+                        c = await ld.nix_realises(subs, ml.roots[0], r.keys, r.tmp("warm"))
+                    r.check(c, f"warm start, {what} ({mode})")
+                    return Sample(c.wall_s, cpu.seconds if server else None, len(ml.paths),
+                                  {"client_cpu_s": c.client_cpu_s,
+                                   "agent_requests": _agent_requests(agent) - before})
+                return one
+
+            res = await interleave({
+                "file": realise([f"file://{r.caches.uncompressed.resolve()}"], None, "file"),
+                "store": realise([store], None, "file:// agent store"),
+                "nginx": realise([nginx_url], nginx.pids, "nginx"),
+                "agent": realise([agent.url], agent_pids(agent), "agent HTTP"),
+                "overlay": realise([store, agent.url], agent_pids(agent), "overlay"),
+            }, r.opts.repeats)
+    finally:
+        r.stop(agent)
+    _warm_start_rows(r, mode, res)
+
+
+WARM_NAMES = {"file": "file:// uncompressed", "store": "file:// agent's store",
+              "nginx": "nginx on agent's store", "agent": "agent HTTP",
+              "overlay": "overlay config (file:// agent's store, then agent HTTP)"}
+
+
+def _warm_start_rows(r: Run, mode: str, res: dict[str, list[Sample]]) -> None:
+    ml = r.envs.ml
+    closure = {"paths": len(ml.paths), "nar_bytes": ml.total_nar_size}
+    for name, base, target in (
+            ("overlay", "file", Target("<=", 1.1, True, "<= 1.1x file:// uncompressed")),
+            ("agent", "nginx", Target("<=", 1.1, True, "<= 1.1x nginx")),
+            ("agent", "file", None), ("store", "file", None), ("nginx", "store", None)):
+        r.add(Measurement("warm start", f"ml: {WARM_NAMES[name]}", values(res[name]), "s",
+                          better="lower", transport="tcp" if name != "store" else None,
+                          recompress=mode, baseline_name=WARM_NAMES[base],
+                          baseline_samples=values(res[base]), target=target,
+                          details={"closure": closure, "runs": _runs(res[name]),
+                                   "baseline_runs": _runs(res[base])}))
+    client = {k: [float(s.details["client_cpu_s"]) for s in v]  # type: ignore[arg-type]
+              for k, v in res.items()}
+    r.add(Measurement("warm start", "ml: Nix client CPU, agent HTTP",
+                      client["agent"], "s", better="lower", transport="tcp", recompress=mode,
+                      baseline_name="nginx on agent's store",
+                      baseline_samples=client["nginx"]))
+    _cpu_row(r, "warm start", "ml: server CPU per path (narinfo + NAR)",
+             res["agent"], res["nginx"], "tcp", mode)
+    # Misses fall through to the agent; a warm agent's store answers everything else.
+    r.add(Measurement("warm start", "ml: overlay config: requests that reached the agent",
+                      [float(s.details["agent_requests"]) for s in res["overlay"]], "req",  # type: ignore[arg-type]
+                      better="lower", transport="tcp", recompress=mode,
+                      baseline_name="agent HTTP alone",
+                      baseline_samples=[float(s.details["agent_requests"])  # type: ignore[arg-type]
+                                        for s in res["agent"]]))
+
+
+def _agent_requests(agent: AgentProcess) -> float:
+    """Requests the agent's TCP listener has answered so far (its own metric)."""
+    return agent.metric("flox_node_cache_http_requests_total", listener="tcp")
+
+
+def _runs(samples: list[Sample]) -> list[dict[str, object]]:
+    """What each run cost: the server's CPU (None for file://; the agent's, for the overlay:
+    what the store directory did not answer) and the Nix client's."""
+    return [{"server_cpu_s": s.cpu_s, **s.details} for s in samples]
+
+
+def _cpu_row(r: Run, scenario: str, name: str, ours: list[Sample], theirs: list[Sample],
+             transport: str, mode: str, baseline: str = "nginx") -> None:
+    a, n = cpu_per_request_us(ours), cpu_per_request_us(theirs)
+    if a is not None and n is not None:
+        r.add(Measurement(scenario, name, a, "µs CPU", better="lower", transport=transport,
+                          recompress=mode, baseline_name=baseline, baseline_samples=n))
+
+
+# --- cold start: a pod whose closure nobody holds ---------------------------------------------
+
+
+async def cold_start(r: Run, mode: str) -> None:
+    """A cold node realises the ml closure through a fresh agent vs straight from the
+    upstream."""
+    ml = r.envs.ml
+
+    async def direct() -> Sample:
+        c = await ld.nix_realises([r.up.url], ml.roots[0], r.keys, r.tmp("direct"))
+        r.check(c, "cold start, direct from upstream")
+        return Sample(c.wall_s, details={"client_cpu_s": c.client_cpu_s})
+
+    async def through_agent() -> Sample:
+        agent = r.agent(mode)
+        try:
+            with CpuMeter(agent_pids(agent)) as cpu:
+                c = await ld.nix_realises([agent.url], ml.roots[0], r.keys, r.tmp("cold"))
+        finally:
+            r.stop(agent)
+        r.check(c, f"cold start through a cold agent ({mode})")
+        return Sample(c.wall_s, cpu.seconds, len(ml.paths), {"client_cpu_s": c.client_cpu_s})
+
+    res = await interleave({"direct": direct, "agent": through_agent}, r.opts.repeats)
+    r.add(Measurement("cold start", "ml: through a cold agent", values(res["agent"]), "s",
+                      better="lower", transport="tcp", recompress=mode,
+                      baseline_name="direct from upstream",
+                      baseline_samples=values(res["direct"])))
+    if (cpu := cpu_per_request_us(res["agent"])) is not None:
+        r.add(Measurement("cold start", "ml: agent CPU per path (fetch, verify, serve, "
+                          "re-encode)", cpu, "µs CPU", better="lower", transport="tcp",
+                          recompress=mode))
+
 
 # --- narinfo storms --------------------------------------------------------------------------
 
 
-@dataclass
-class Storm:
-    rate: float  # requests per second achieved
-    latencies_ms: dict[str, float]
-    requests: int
-    errors: int
-    details: dict[str, object] = field(default_factory=dict)
+def _served(pids: Pids, measure: Callable[[], Measured | Awaitable[Measured]],
+            figure: Callable[[Measured], float], requests: Callable[[Measured], int]) -> Variant:
+    """A variant that runs `measure` against a server and charges it the server's CPU."""
+    async def one() -> Sample:
+        with CpuMeter(pids) as cpu:
+            m = measure()
+            if inspect.isawaitable(m):
+                m = await m
+        return Sample(figure(m), cpu.seconds, requests(m), {"result": m})
+    return one
 
 
-def storm_sequential(target: Target, hashes: list[str], seconds: float,
-                     max_requests: int = 200_000) -> Storm:
-    """One keep-alive connection, one request after the other (a Nix client's query loop)."""
-    conn, lat, errors = Conn(target), [], 0
-    conn.get(f"/{hashes[0]}.narinfo")  # connect outside the clock
-    start = time.perf_counter()
-    deadline = start + seconds
-    i = 0
-    while i < max_requests and (i < len(hashes) or time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        status, _ = conn.get(f"/{hashes[i % len(hashes)]}.narinfo")
-        lat.append((time.perf_counter() - t0) * 1000)
-        errors += status != 200
-        i += 1
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return Storm(i / elapsed, percentiles(lat), i, errors)
-
-
-async def _storm_worker(target: Target, hashes: list[str], offset: int, deadline: float,
-                        budget: list[int], lat: list[float], errors: list[int]) -> None:
-    conn, i = AsyncConn(target), offset
+async def narinfo(r: Run, mode: str) -> None:
+    """narinfo lookups of every path, over TCP and the Unix socket, vs nginx serving the
+    upstream's files: sequential on one keep-alive connection (a Nix client's query loop),
+    concurrent over many, and latency at a fixed open-loop rate."""
+    envs = r.envs
+    agent = await r.warm_agent(mode, envs.web.roots + envs.ml.roots, envs.all_paths, "narinfo")
+    hashes = [hash_part(p) for p in envs.all_paths]
+    secs, conns, rate = r.opts.storm_seconds, r.opts.storm_connections, r.opts.open_loop_rate
     try:
-        while budget[0] > 0 and time.perf_counter() < deadline:
-            budget[0] -= 1
-            t0 = time.perf_counter()
-            status, _ = await conn.get(f"/{hashes[i % len(hashes)]}.narinfo")
-            lat.append((time.perf_counter() - t0) * 1000)
-            errors[0] += status != 200
-            i += 7
+        with Nginx([r.caches.upstream], r.opts.nginx_workers) as nginx:
+            for ours, theirs in zip(ld.agent_targets(agent),
+                                    nginx.targets[r.caches.upstream.resolve()], strict=True):
+                variants: dict[str, Variant] = {}
+                for who, target, pids in (("agent", ours, agent_pids(agent)),
+                                          ("nginx", theirs, nginx.pids)):
+                    variants[f"seq {who}"] = _storm(pids, lambda t=target: (
+                        ld.storm_sequential(t, hashes, secs)))
+                    variants[f"con {who}"] = _storm(pids, lambda t=target: (
+                        ld.storm_concurrent(t, hashes, conns, secs)))
+                    variants[f"ol {who}"] = _storm(pids, lambda t=target: (
+                        ld.storm_open_loop(t, hashes, rate, secs)))
+                res = await interleave(variants, r.opts.repeats)
+                _narinfo_rows(r, mode, ours.transport, res)
     finally:
-        await conn.close()
+        r.stop(agent)
 
 
-async def storm_concurrent(target: Target, hashes: list[str], connections: int,
-                           seconds: float, max_requests: int = 500_000) -> Storm:
-    """`connections` keep-alive connections, each in a closed loop."""
-    lat: list[float] = []
-    errors, budget = [0], [max_requests]
-    start = time.perf_counter()
-    await asyncio.gather(*(
-        _storm_worker(target, hashes, k * 13, start + seconds, budget, lat, errors)
-        for k in range(connections)))
-    elapsed = time.perf_counter() - start
-    return Storm(len(lat) / elapsed, percentiles(lat), len(lat), errors[0],
-                 {"connections": connections})
+def _storm(pids: Pids, measure: Callable[[], ld.Storm | Awaitable[ld.Storm]]) -> Variant:
+    return _served(pids, measure, lambda m: m.rate, lambda m: m.requests)
 
 
-async def storm_open_loop(target: Target, hashes: list[str], rate: float, seconds: float,
-                          pool_size: int = 32) -> Storm:
-    """Requests scheduled at a fixed rate whatever the answers do (no coordinated omission):
-    latency counts from the scheduled send time, so a stall shows up in every later request."""
-    pool: asyncio.Queue[AsyncConn] = asyncio.Queue()
-    for _ in range(pool_size):
-        c = AsyncConn(target)
-        await c.get(f"/{hashes[0]}.narinfo")
-        pool.put_nowait(c)
-    lat: list[float] = []
-    errors = [0]
-    total = int(rate * seconds)
+def _storms(samples: list[Sample]) -> list[ld.Storm]:
+    return [s.details["result"] for s in samples]  # type: ignore[misc]
 
-    async def one(i: int, scheduled: float) -> None:
-        conn = await pool.get()
-        try:
-            status, _ = await conn.get(f"/{hashes[i % len(hashes)]}.narinfo")
-            errors[0] += status != 200
-        finally:
-            pool.put_nowait(conn)
-        lat.append((time.perf_counter() - scheduled) * 1000)
 
-    start = time.perf_counter()
-    tasks = []
-    for i in range(total):
-        scheduled = start + i / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, scheduled)))
-    await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 30)
-    elapsed = time.perf_counter() - start
-    while not pool.empty():
-        await pool.get_nowait().close()
-    return Storm(len(lat) / elapsed, percentiles(lat), len(lat), errors[0],
-                 {"offered_rate": rate, "pool": pool_size})
+def _narinfo_rows(r: Run, mode: str, transport: str, res: dict[str, list[Sample]]) -> None:
+    def add(name: str, kind: str, pick: Callable[[ld.Storm], float], unit: str,
+            target: Target | None, better: str = "higher") -> None:
+        a, n = _storms(res[f"{kind} agent"]), _storms(res[f"{kind} nginx"])
+        errors = sum(s.errors for s in a)
+        if errors:
+            r.notes.append(f"narinfo {name} ({transport}, {mode}): {errors} non-200")
+        r.add(Measurement("narinfo", name, [pick(s) for s in a], unit, better=better,  # type: ignore[arg-type]
+                          transport=transport, recompress=mode, baseline_name="nginx",
+                          baseline_samples=[pick(s) for s in n], target=target,
+                          details={"agent": [s.__dict__ for s in a],
+                                   "nginx": [s.__dict__ for s in n]}))
+
+    rate, p99 = (lambda s: s.rate), (lambda s: s.latencies_ms["p99"])
+    add("1 keep-alive connection: rate", "seq", rate, "req/s",
+        Target(">=", 0.7, True, ">= 0.7x nginx"))
+    add("1 keep-alive connection: p99", "seq", p99, "ms", None, "lower")
+    _cpu_row(r, "narinfo", "1 keep-alive connection: server CPU per request",
+             res["seq agent"], res["seq nginx"], transport, mode)
+    conns = r.opts.storm_connections
+    add(f"{conns} connections: rate", "con", rate, "req/s", None)
+    _cpu_row(r, "narinfo", f"{conns} connections: server CPU per request",
+             res["con agent"], res["con nginx"], transport, mode)
+    add(f"p99 at {r.opts.open_loop_rate:,.0f} req/s open loop", "ol", p99, "ms",
+        Target("<=", 2.0, text="p99 < 2 ms"), "lower")
 
 
 # --- NAR throughput --------------------------------------------------------------------------
 
 
-@dataclass
-class Throughput:
-    bytes_per_s: float
-    seconds: float
-    total_bytes: int
-    passes: int
-    errors: int
-
-
-def nar_throughput(target: Target, files: list[str], connections: int, *,
-                   min_seconds: float = 0.5, max_passes: int = 20) -> Throughput:
-    """Download every file of `files` over `connections` keep-alive connections (work-stealing
-    threads; recv releases the GIL), repeating whole passes until `min_seconds` have passed."""
-    total, errors, passes = 0, 0, 0
-    start = time.perf_counter()
-    while passes < max_passes and (passes == 0 or time.perf_counter() - start < min_seconds):
-        n, e = _one_pass(target, files, connections)
-        total, errors, passes = total + n, errors + e, passes + 1
-    elapsed = time.perf_counter() - start
-    return Throughput(total / elapsed, elapsed, total, passes, errors)
-
-
-def _one_pass(target: Target, files: list[str], connections: int) -> tuple[int, int]:
-    work: queue.SimpleQueue[str] = queue.SimpleQueue()
-    for f in files:
-        work.put(f)
-    counts = [[0, 0] for _ in range(connections)]
-
-    def worker(slot: list[int]) -> None:
-        conn = Conn(target)
-        try:
-            while True:
-                try:
-                    f = work.get_nowait()
-                except queue.Empty:
-                    return
-                status, n = conn.get(f)
-                slot[0] += n
-                slot[1] += status != 200
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=worker, args=(c,)) for c in counts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
-
-
-# --- real Nix clients ------------------------------------------------------------------------
-
-
-@dataclass
-class Copies:
-    wall_s: float
-    client_s: dict[str, float]
-    failures: int
-    first_error: str = ""
-
-
-async def nix_copies(source_url: str, root: str, keys: list[str], dest_dir: Path, n: int,
-                     timeout: float = 900) -> Copies:
-    """`n` cold nodes each run `nix copy --from source_url root` at the same time."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    durations: list[float] = []
-
-    async def one(i: int) -> subprocess.CompletedProcess[str]:
-        t0 = time.perf_counter()
-        r = await nix_copy_async(source_url, dest_dir / f"node-{i}", [root], keys,
-                                 timeout=timeout)
-        durations.append(time.perf_counter() - t0)
-        return r
-
-    start = time.perf_counter()
+async def throughput(r: Run, mode: str) -> None:
+    """Every NAR of the ml closure from a warm agent, over 1 and 16 connections, TCP and the
+    Unix socket, vs nginx serving the agent's own store directory (the same files)."""
+    agent = await r.warm_agent(mode, r.envs.ml.roots, r.envs.ml.paths, "NAR throughput")
+    files = ld.agent_nar_files(agent, r.envs.ml.paths)
     try:
-        results = await asyncio.gather(*(one(i) for i in range(n)))
+        with Nginx([agent.store], r.opts.nginx_workers) as nginx:
+            for ours, theirs in zip(ld.agent_targets(agent),
+                                    nginx.targets[agent.store.resolve()], strict=True):
+                variants: dict[str, Variant] = {}
+                for conns in (1, 16):
+                    for who, target, pids in (("agent", ours, agent_pids(agent)),
+                                              ("nginx", theirs, nginx.pids)):
+                        variants[f"{conns} {who}"] = _served(
+                            pids, lambda t=target, c=conns: ld.nar_throughput(t, files, c),
+                            lambda m: m.bytes_per_s, lambda m: m.passes * len(files))
+                res = await interleave(variants, r.opts.repeats)
+                _throughput_rows(r, mode, ours.transport, res, len(files))
     finally:
-        shutil.rmtree(dest_dir, ignore_errors=True)
-    wall = time.perf_counter() - start
-    failed = [r for r in results if r.returncode != 0]
-    return Copies(wall, {k: v / 1000 for k, v in percentiles(
-        [d * 1000 for d in durations]).items() if k != "count"}, len(failed),
-        failed[0].stderr[-2000:] if failed else "")
+        r.stop(agent)
 
 
-
-# --- upstream accounting ---------------------------------------------------------------------
-
-
-def upstream_usage(up: UpstreamServer, caches: Caches, paths: list[str]) -> dict[str, float]:
-    """Upstream requests and bytes per unique NAR and narinfo of `paths` since the last reset."""
-    counts = up.counts
-    nars = nar_files(caches.upstream, paths)
-    nar_reqs = sum(counts.get(url, 0) for url, _ in nars)
-    nar_bytes = sum(counts.get(url, 0) * size for url, size in nars)
-    hashes = {hash_part(p) for p in paths}
-    narinfo_reqs = sum(counts.get(f"/{h}.narinfo", 0) for h in hashes)
-    return {"unique_nars": len(nars), "nar_requests": nar_reqs,
-            "nar_requests_per_unique_nar": nar_reqs / len(nars) if nars else 0.0,
-            "upstream_bytes_per_unique_nar": nar_bytes / len(nars) if nars else 0.0,
-            "nar_bytes_unique": sum(s for _, s in nars),
-            "narinfo_requests_per_unique_path": narinfo_reqs / len(hashes) if hashes else 0.0}
-
-
-# --- the agent -------------------------------------------------------------------------------
+def _throughput_rows(r: Run, mode: str, transport: str, res: dict[str, list[Sample]],
+                     files: int) -> None:
+    for conns in (1, 16):
+        a = [s.details["result"] for s in res[f"{conns} agent"]]
+        n = [s.details["result"] for s in res[f"{conns} nginx"]]
+        if errors := sum(t.errors for t in a):  # type: ignore[attr-defined]
+            r.notes.append(f"NAR throughput ({transport}, {conns}, {mode}): {errors} non-200")
+        r.add(Measurement("NAR throughput", f"ml closure, {conns} connection(s)",
+                          [t.bytes_per_s / MIB for t in a], "MiB/s",  # type: ignore[attr-defined]
+                          transport=transport, recompress=mode,
+                          baseline_name="nginx (agent's store dir)",
+                          baseline_samples=[t.bytes_per_s / MIB for t in n],  # type: ignore[attr-defined]
+                          target=Target(">=", 0.9, True, ">= 0.9x nginx") if conns == 16
+                          else None,
+                          details={"agent": [t.__dict__ for t in a],
+                                   "nginx": [t.__dict__ for t in n], "files": files}))
+        _cpu_row(r, "NAR throughput", f"{conns} connection(s): server CPU per NAR",
+                 res[f"{conns} agent"], res[f"{conns} nginx"], transport, mode)
 
 
-def agent_targets(agent: AgentProcess) -> tuple[Target, Target]:
-    return Target(port=agent.port), Target(unix=str(agent.socket))
+# --- N clients at once -----------------------------------------------------------------------
 
 
-def served_compressions(agent: AgentProcess, paths: list[str]) -> dict[str, int]:
-    """Compression of each narinfo the agent serves now (over TCP), counted by value."""
-    conn, out = Conn(Target(port=agent.port)), {}
+async def clients(r: Run, mode: str) -> None:
+    """N cold nodes realise the web closure at once: straight from the upstream, through a
+    fresh (cold) agent, then through the same agent again (warm); upstream NAR requests per
+    unique NAR."""
+    n, web = r.opts.clients, r.envs.web
+    live: list[AgentProcess] = []
+
+    def realise(what: str, url: Callable[[], str]) -> Variant:
+        async def one() -> Sample:
+            r.up.reset_counts()
+            c = await ld.nix_realises([url()], web.roots[0], r.keys, r.tmp(what), n)
+            r.check(c, f"{n} clients, {what} ({mode})")
+            usage = ld.upstream_usage(r.up, r.caches, web.paths)
+            if what == "warm agent":
+                r.stop(live.pop())
+            return Sample(c.wall_s, details={"usage": usage, "client_s": c.client_s})
+        return one
+
+    def fresh_agent_url() -> str:
+        live.append(r.agent(mode))
+        return live[-1].url
+
     try:
-        for p in paths:
-            status, text = conn.text(f"/{hash_part(p)}.narinfo")
-            comp = "missing"
-            if status == 200:
-                fields = dict(ln.split(": ", 1) for ln in text.splitlines() if ": " in ln)
-                comp = fields.get("Compression", "bzip2")
-            out[comp] = out.get(comp, 0) + 1
+        res = await interleave({
+            "direct": realise("direct", lambda: r.up.url),
+            "cold agent": realise("cold agent", fresh_agent_url),
+            "warm agent": realise("warm agent", lambda: live[-1].url),
+        }, r.opts.repeats)
     finally:
-        conn.close()
-    return out
+        for agent in live:
+            r.stop(agent)
+
+    def per_nar(samples: list[Sample]) -> list[float]:
+        return [s.details["usage"]["nar_requests_per_unique_nar"] for s in samples]  # type: ignore[index]
+
+    for phase, goal in (("cold agent", Target("<=", 1.0, text="= 1.00")),
+                        ("warm agent", Target("<=", 0.0, text="= 0"))):
+        r.add(Measurement("N clients", f"{n} clients web, {phase}: wall", values(res[phase]),
+                          "s", better="lower", transport="tcp", recompress=mode,
+                          baseline_name="direct from upstream",
+                          baseline_samples=values(res["direct"]),
+                          details={"client_s": [s.details["client_s"] for s in res[phase]]}))
+        r.add(Measurement("N clients", f"{n} clients web, {phase}: upstream NAR requests per "
+                          "unique NAR", per_nar(res[phase]), "req/NAR", better="lower",
+                          transport="tcp", recompress=mode, target=goal,
+                          details={"usage": [s.details["usage"] for s in res[phase]]}))
 
 
-# The narinfo Compression each agent --recompress mode serves once re-encoding is done.
-TARGET_COMPRESSION = {"zstd": "zstd", "uncompressed": "none"}
+# --- rollout ---------------------------------------------------------------------------------
 
 
-def settle_recompression(agent: AgentProcess, paths: list[str], mode: str,
-                         limit: float) -> dict[str, object]:
-    """Wait (bounded) until the agent serves every narinfo re-encoded, or nothing changes for a
-    while (min(15 s, limit): re-encoding that stalls that long is not making progress)."""
-    quiet = min(15.0, limit)
-    start = time.monotonic()
-    seen = served_compressions(agent, paths)
-    if mode == "none":
-        return {"compressions": seen, "settle_s": 0.0, "effective": None}
-    target = TARGET_COMPRESSION[mode]
-    last_change = start
-    while seen.get(target, 0) < len(paths) and time.monotonic() - start < limit \
-            and time.monotonic() - last_change < quiet:
-        time.sleep(0.5)
-        now = served_compressions(agent, paths)
-        if now != seen:
-            seen, last_change = now, time.monotonic()
-    return {"compressions": seen, "settle_s": round(time.monotonic() - start, 2),
-            "effective": seen.get(target, 0) > 0,
-            "all_reencoded": seen.get(target, 0) == len(paths)}
-
-
-def agent_nar_files(agent: AgentProcess, paths: list[str]) -> list[str]:
-    """The NAR request paths the (warm) agent's store lists for `paths`."""
-    return [url for url, _ in nar_files(agent.store, paths)]
-
-
-async def prewarm(agent: AgentProcess, roots: list[str], timeout: float) -> dict[str, object]:
-    """POST /v1/prewarm on the Unix socket and wait for it; {"api": False} when absent."""
-    async with agent.unix_session() as s:
-        async with s.post("http://agent/v1/prewarm", json={"store_paths": roots}) as r:
-            if r.status in (404, 405):
-                return {"api": False}
-            r.raise_for_status()
-            pid = (await r.json())["id"]
-        deadline = time.monotonic() + timeout
-        state: dict[str, object] = {}
-        while time.monotonic() < deadline:
-            async with s.get(f"http://agent/v1/prewarm/{pid}") as r:
-                state = await r.json()
-            if state.get("state") in ("succeeded", "failed"):
-                break
-            await asyncio.sleep(0.1)
-        return {"api": True, "id": pid, **state}
-
-
-class RssSampler:
-    """Samples VmRSS of a process every `every` seconds in a thread; keeps the maximum."""
-
-    def __init__(self, pid: int, every: float = 0.05) -> None:
-        self.pid, self.every = pid, every
-        self.peak_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _field(self, name: str) -> int:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith(name + ":"):
-                    return int(line.split()[1])
-        return 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_kib = max(self.peak_kib, self._field("VmRSS"))
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    @property
-    def hwm_kib(self) -> int:
-        return self._field("VmHWM")
-
-
-def stream_clients(target: Target, paths: list[str], clients: int,
-                   timeout: float) -> dict[str, object]:
-    """`clients` threads each GET every narinfo then the NAR it names, each starting at another
-    path, so that they overlap on the same (cold: stream-through) transfers."""
-    results = [[0, 0] for _ in range(clients)]
-    hashes = sorted(hash_part(p) for p in paths)
-    deadline = time.monotonic() + timeout
-
-    def worker(k: int) -> None:
-        conn = Conn(target)
-        order = hashes[k % len(hashes):] + hashes[:k % len(hashes)]
+async def rollout(r: Run, mode: str) -> None:
+    """A fresh agent is prewarmed with the web environment (POST /v1/prewarm), then N pods
+    start at once: no upstream request during their start."""
+    n, web = r.opts.clients, r.envs.web
+    prewarm_s, pods_s, nar_requests = [], [], []
+    for _ in range(r.opts.repeats):
+        agent = r.agent(mode)
         try:
-            for h in order:
-                if time.monotonic() > deadline:
-                    return
-                status, text = conn.text(f"/{h}.narinfo")
-                url = next((ln[5:] for ln in text.splitlines() if ln.startswith("URL: ")), "")
-                s2, n = conn.get("/" + url) if status == 200 else (0, 0)
-                results[k][0] += n
-                results[k][1] += (status != 200) + (s2 != 200)
-        except OSError:
-            results[k][1] += 1
+            r.up.reset_counts()
+            t0 = time.perf_counter()
+            state = await ld.prewarm(agent, web.roots, timeout=900)
+            prewarm_s.append(time.perf_counter() - t0)
+            if state.get("state") != "succeeded":
+                r.notes.append(f"rollout: prewarm ended {state}")
+            r.up.reset_counts()
+            c = await ld.nix_realises([agent.url], web.roots[0], r.keys, r.tmp("pods"), n)
+            r.check(c, f"rollout pods ({mode})")
+            pods_s.append(c.wall_s)
+            nar_requests.append(float(ld.upstream_usage(r.up, r.caches, web.paths)
+                                      ["nar_requests"]))
         finally:
-            conn.close()
+            r.stop(agent)
+    r.add(Measurement("rollout", "prewarm web", prewarm_s, "s", better="lower",
+                      recompress=mode))
+    r.add(Measurement("rollout", f"{n} pods start after prewarm: wall", pods_s, "s",
+                      better="lower", transport="tcp", recompress=mode))
+    r.add(Measurement("rollout", f"{n} pods: upstream NAR requests during start", nar_requests,
+                      "req", better="lower", recompress=mode, target=Target("<=", 0, text="= 0")))
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout + 60)
-    elapsed = time.perf_counter() - start
-    total = sum(r[0] for r in results)
-    return {"seconds": round(elapsed, 3), "bytes": total, "errors": sum(r[1] for r in results),
-            "bytes_per_s": total / elapsed if elapsed else 0.0}
+
+# --- peak RSS --------------------------------------------------------------------------------
+
+
+async def rss(r: Run, mode: str) -> None:
+    """Peak RSS of a fresh agent while many clients stream the ml closure through it (cold:
+    stream-through from the upstream, the path that holds transfers in flight)."""
+    agent = r.agent(mode)
+    try:
+        assert agent.proc is not None
+        n = r.opts.rss_clients
+        with RssSampler(agent.proc.pid) as s:
+            res = await asyncio.to_thread(ld.stream_clients, Server(port=agent.port),
+                                     r.envs.ml.paths, n, 900)
+        hwm = s.hwm_kib
+    finally:
+        r.stop(agent)
+    size = r.envs.ml.total_nar_size
+    r.add(Measurement("RSS", f"agent peak RSS, {n} clients streaming the ml closure "
+                      f"({size / MIB:,.0f} MiB NAR)", [s.peak_kib / 1024], "MiB",
+                      better="lower", transport="tcp", recompress=mode,
+                      target=Target("<=", 200, text="< 200 MB (on >= 1 GB)"),
+                      details={"vm_hwm_mib": hwm / 1024, "closure_nar_bytes": size,
+                               "closure_ge_1gb": size >= 1 << 30, **res}))
+    if res["errors"]:
+        r.notes.append(f"RSS clients ({mode}): {res['errors']} errors")
+
+
+# The default run goes in this order: the quick scenarios first, the long `clients` last.
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("warm-start", "a warm node's cold start (ml): as the overlay configures the node "
+             "and through the agent's HTTP alone, vs file:// uncompressed, file:// on the "
+             "agent's store and nginx on the agent's store", warm_start),
+    Scenario("narinfo", "narinfo lookups: 1 keep-alive connection, many connections, p99 at a "
+             "fixed open-loop rate; TCP and Unix; vs nginx", narinfo),
+    Scenario("throughput", "every NAR of ml over 1 and 16 connections; TCP and Unix; vs nginx "
+             "on the agent's store", throughput),
+    Scenario("cold-start", "ml through a fresh agent vs straight from the upstream", cold_start),
+    Scenario("rss", "peak RSS while many clients stream ml through a cold agent", rss),
+    Scenario("rollout", "prewarm (POST /v1/prewarm), then N pods start: 0 upstream requests",
+             rollout),
+    Scenario("pod-start", "pods start on a node whose Nix store the agent realised the closure "
+             "into (real nix-daemon, untrusted client) vs warm agent, file://, upstream",
+             cluster.pod_start),
+    Scenario("peer-rollout", "a rollout to --nodes nodes x --pods-per-node pods, without then "
+             "with peers: upstream bytes per closure byte and wall time",
+             cluster.peer_rollout),
+    Scenario("clients", "N nodes at once (web): direct, cold agent, warm agent; upstream "
+             "requests per unique NAR", clients),
+)}

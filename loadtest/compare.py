@@ -1,0 +1,104 @@
+"""Interleaved comparisons: run variants A B A B ... and judge a ratio by its spread.
+
+On a shared machine a single A-then-B measurement mostly measures what the neighbours did in
+between. Interleaving puts each A next to a B under the same conditions; the ratio of each such
+pair, repeated, gives a median and a spread. A target is "met" only when the whole spread is on
+the right side of it, "missed" when the whole spread is on the wrong side, and "inconclusive"
+otherwise: the run cannot tell.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Verdict = Literal["met", "missed", "inconclusive"]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median of some samples and their range (min to max)."""
+
+    median: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Spread:
+        if not samples:
+            raise ValueError("no samples")
+        return cls(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+@dataclass(frozen=True)
+class Target:
+    """`value` (or the ratio to the baseline when on_ratio) must be <= or >= `bound`."""
+
+    op: Literal["<=", ">="]
+    bound: float
+    on_ratio: bool = False
+    text: str = ""
+
+    def holds(self, x: float) -> bool:
+        return x <= self.bound if self.op == "<=" else x >= self.bound
+
+    def verdict(self, s: Spread) -> Verdict:
+        lo, hi = self.holds(s.lo), self.holds(s.hi)
+        if lo and hi:
+            return "met"
+        if not lo and not hi:
+            return "missed"
+        return "inconclusive"
+
+
+@dataclass
+class Sample:
+    """One run of one variant: its figure, and the serving process's CPU time if measured."""
+
+    value: float
+    cpu_s: float | None = None  # CPU time (user + system) of the server during the run
+    requests: int | None = None  # requests the run made, for CPU per request
+    details: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def cpu_per_request_us(self) -> float | None:
+        if self.cpu_s is None or not self.requests:
+            return None
+        return self.cpu_s / self.requests * 1e6
+
+
+Variant = Callable[[], Sample | Awaitable[Sample]]
+
+
+async def interleave(variants: Mapping[str, Variant], repeats: int) -> dict[str, list[Sample]]:
+    """Run every variant once per round, in the given order, for `repeats` rounds."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    out: dict[str, list[Sample]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            result = run()
+            out[name].append(await result if inspect.isawaitable(result) else result)
+    return out
+
+
+def pair_ratios(values: Sequence[float], baselines: Sequence[float]) -> list[float]:
+    """value/baseline of each round (the two ran next to each other); rounds with a zero
+    baseline are left out."""
+    if len(values) != len(baselines):
+        raise ValueError("ratios need one baseline per sample")
+    return [v / b for v, b in zip(values, baselines, strict=True) if b]
+
+
+def values(samples: Sequence[Sample]) -> list[float]:
+    return [s.value for s in samples]
+
+
+def cpu_per_request_us(samples: Sequence[Sample]) -> list[float] | None:
+    """CPU µs per request of each sample, or None unless every sample measured it."""
+    out = [s.cpu_per_request_us for s in samples]
+    return None if any(x is None for x in out) else out  # type: ignore[return-value]

@@ -1,0 +1,84 @@
+"""What a serving process costs, read from /proc: CPU time (steady on a shared machine, unlike
+wall-clock rates) and resident memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of `pid` so far (0 once it has gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # Fields after the command name, which may contain spaces and parentheses: state is
+    # field 3, utime and stime are fields 14 and 15.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (e.g. nginx's workers)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+class CpuMeter:
+    """CPU seconds that the processes `pids()` names spent inside the `with` block."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self.pids = pids
+        self.seconds = 0.0
+        self._start: dict[int, float] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {p: cpu_seconds(p) for p in self.pids()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Only the processes seen at the start: one that exits in between reads as 0.
+        self.seconds = sum(max(0.0, cpu_seconds(p) - t) for p, t in self._start.items())
+
+
+class RssSampler:
+    """Samples VmRSS of a process every `every` seconds in a thread; keeps the maximum."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        self.pid, self.every = pid, every
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _field(self, name: str) -> int:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith(name + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, self._field("VmRSS"))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def hwm_kib(self) -> int:
+        return self._field("VmHWM")

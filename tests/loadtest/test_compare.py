@@ -1,0 +1,145 @@
+"""The benchmark's judgement: interleaving order, per-round ratios, spreads and verdicts, and the
+CPU time read from /proc. Synthetic samples: what is tested is the arithmetic and the logic."""
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from loadtest.compare import (
+    Sample,
+    Spread,
+    Target,
+    cpu_per_request_us,
+    interleave,
+    pair_ratios,
+)
+from loadtest.procstat import CpuMeter, cpu_seconds
+from loadtest.report import Measurement, fmt_spread, markdown
+
+AT_MOST_1_1 = Target("<=", 1.1, on_ratio=True)
+AT_LEAST_0_7 = Target(">=", 0.7, on_ratio=True)
+
+
+def test_spread_is_median_and_range() -> None:
+    assert Spread.of([3.0, 1.0, 2.0, 10.0]) == Spread(2.5, 1.0, 10.0, 4)
+    assert Spread.of([5.0]) == Spread(5.0, 5.0, 5.0, 1)
+    with pytest.raises(ValueError):
+        Spread.of([])
+
+
+@pytest.mark.parametrize(("target", "samples", "verdict"), [
+    (AT_MOST_1_1, [0.9, 1.0, 1.05], "met"),
+    (AT_MOST_1_1, [1.2, 1.3, 1.15], "missed"),
+    # The median (1.05) meets the target but one round does not: the run cannot tell.
+    (AT_MOST_1_1, [0.9, 1.05, 1.2], "inconclusive"),
+    (AT_MOST_1_1, [1.1, 1.1, 1.1], "met"),  # the bound itself meets "<="
+    (AT_LEAST_0_7, [0.75, 0.8, 0.9], "met"),
+    (AT_LEAST_0_7, [0.2, 0.3, 0.25], "missed"),
+    (AT_LEAST_0_7, [0.65, 0.8, 0.9], "inconclusive"),
+    (AT_LEAST_0_7, [0.6], "missed"),  # one sample: no spread, a plain verdict
+])
+def test_verdict_is_met_only_when_the_whole_spread_meets_the_target(
+        target: Target, samples: list[float], verdict: str) -> None:
+    assert target.verdict(Spread.of(samples)) == verdict
+
+
+def test_interleave_runs_the_variants_in_rounds() -> None:
+    calls: list[str] = []
+
+    def sync(name: str, value: float):
+        def run() -> Sample:
+            calls.append(name)
+            return Sample(value + len(calls))
+        return run
+
+    async def later() -> Sample:
+        calls.append("C")
+        await asyncio.sleep(0)
+        return Sample(0.5)
+
+    res = asyncio.run(interleave({"A": sync("A", 0), "B": sync("B", 100), "C": later}, 3))
+    assert calls == ["A", "B", "C"] * 3
+    assert [s.value for s in res["A"]] == [1, 4, 7]
+    assert [s.value for s in res["B"]] == [102, 105, 108]
+    assert [s.value for s in res["C"]] == [0.5] * 3
+    with pytest.raises(ValueError):
+        asyncio.run(interleave({"A": sync("A", 0)}, 0))
+
+
+def test_ratios_pair_each_sample_with_the_baseline_of_its_round() -> None:
+    # The machine slowed down in round 2 for both: per-round ratios stay at 2.
+    assert pair_ratios([2, 20, 4], [1, 10, 2]) == [2, 2, 2]
+    assert pair_ratios([1, 2], [0, 1]) == [2]  # a zero baseline says nothing
+    with pytest.raises(ValueError):
+        pair_ratios([1, 2], [1])
+
+
+def test_measurement_judges_the_per_round_ratio() -> None:
+    # Ratio of medians would be 20/10 = 2.0; the rounds say 2.0 every time: met at <= 2.
+    m = Measurement("s", "n", [2, 20, 40], "s", baseline_samples=[1, 10, 20],
+                    target=Target("<=", 2.0, on_ratio=True))
+    assert m.ratio == Spread(2.0, 2.0, 2.0, 3) and m.verdict == "met"
+    noisy = Measurement("s", "n", [1.0, 1.3, 0.9], "s", baseline_samples=[1.0, 1.0, 1.0],
+                        target=AT_MOST_1_1)
+    assert noisy.value.median == 1.0 and noisy.verdict == "inconclusive"
+    absolute = Measurement("s", "p99", [1.5, 1.9, 1.7], "ms", target=Target("<=", 2.0))
+    assert absolute.ratio is None and absolute.verdict == "met"
+    assert Measurement("s", "n", [1.0], "s").verdict is None
+    d = noisy.to_json()
+    assert d["verdict"] == "inconclusive" and d["ratio"]["hi"] == pytest.approx(1.3)
+    assert d["samples"] == [1.0, 1.3, 0.9]
+
+
+def test_report_shows_median_and_range() -> None:
+    assert fmt_spread(Spread.of([1.0, 2.0, 3.0]), "x") == "2.00x [1.00-3.00]"
+    assert fmt_spread(Spread.of([4.0])) == "4.00"
+    md = markdown([Measurement("warm start", "ml", [1.0, 1.2, 1.1], "s",
+                               baseline_samples=[1.0, 1.0, 1.0], target=AT_MOST_1_1,
+                               baseline_name="file://")])
+    header, rule, row = md.strip().splitlines()
+    assert "verdict" in header and rule.count("---") == header.count("|") - 1
+    assert "1.10x [1.00-1.20]" in row and row.rstrip(" |").endswith("inconclusive")
+
+
+def test_cpu_per_request_needs_every_sample() -> None:
+    assert cpu_per_request_us([Sample(1, 0.002, 1000), Sample(1, 0.004, 1000)]) == [2.0, 4.0]
+    assert cpu_per_request_us([Sample(1, 0.002, 1000), Sample(1)]) is None
+
+
+def _child(code: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    return p
+
+
+BURN = """
+import sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+t = time.process_time()
+while time.process_time() - t < 0.3:
+    pass
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_cpu_meter_charges_the_process_its_own_cpu_time() -> None:
+    busy, idle = _child(BURN), _child(BURN)
+    try:
+        with CpuMeter(lambda: [busy.pid, idle.pid]) as both, CpuMeter(lambda: [idle.pid]) as one:
+            busy.stdin.write("go\n")
+            busy.stdin.flush()
+            assert busy.stdout.readline() == "done\n"
+        # /proc counts in clock ticks (usually 10 ms).
+        assert 0.25 <= both.seconds < 1.0
+        assert one.seconds < 0.05
+        assert cpu_seconds(busy.pid) >= 0.25
+    finally:
+        for p in (busy, idle):
+            p.kill()
+            p.wait()
+    assert cpu_seconds(busy.pid) == 0.0  # gone: nothing to read
