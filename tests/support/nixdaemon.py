@@ -169,8 +169,8 @@ REPO = Path(__file__).resolve().parents[2]
 class NodeRelay:
     """The agent's node-relay (agent/node/relay.py) as the DaemonSet's sidecar runs it: a
     separate process, as UNTRUSTED, in front of `daemon`'s socket. The system python runs
-    it (the relay needs only the standard library; the test venv is not readable by uid
-    UNTRUSTED)."""
+    a copy of the package beside the daemon (the relay needs only the standard library, and
+    neither the test venv nor a checkout under a 0700 directory is readable by UNTRUSTED)."""
 
     def __init__(self, daemon: NixDaemon, listen: Path | None = None) -> None:
         self.daemon = daemon
@@ -186,7 +186,7 @@ class NodeRelay:
                 "asyncio.run(relay.serve(Path(sys.argv[1]), Path(sys.argv[2])))")
         argv = as_untrusted(["/usr/bin/python3", "-c", code, str(self.socket),
                              str(self.daemon.socket)])
-        argv.insert(argv.index("HOME=/nonexistent"), f"PYTHONPATH={REPO}")
+        argv.insert(argv.index("HOME=/nonexistent"), f"PYTHONPATH={self._readable_code()}")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
@@ -195,6 +195,16 @@ class NodeRelay:
                 raise RuntimeError(f"node relay did not start:\n{self.log_path.read_text()}")
             time.sleep(0.02)
         return self
+
+    def _readable_code(self) -> Path:
+        """A copy of the `agent` package that UNTRUSTED can import."""
+        code = self.daemon.workdir / "relay-code"
+        if not code.exists():
+            shutil.copytree(REPO / "agent", code / "agent",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            subprocess.run(["chmod", "-R", "a+rX", str(code)], check=True)
+            open_up(code)
+        return code
 
     def stop(self) -> None:
         stop_process(self.proc)
