@@ -2,10 +2,12 @@
 
 uvloop does not implement `loop.sendfile`, so aiohttp's FileResponse falls back to reading
 chunks into Python and writing them through the event loop: two copies per byte and buffers per
-client. Here the headers go out through aiohttp, then worker threads run `os.sendfile` from the
-file to the connection's non-blocking socket as long as it has room, and the event loop waits
-(add_writer, no thread) for the client to read more: the event loop never sees those bytes, and
-a client that stops reading holds no thread; after `stall_timeout` seconds without progress its
+client. Here the headers go out through aiohttp, then `os.sendfile` copies from the file to the
+connection's non-blocking socket: one bounded step in the event loop itself (most store paths
+fit in it, and a thread hand-off costs more CPU than such a copy), the rest in worker threads as
+long as the socket has room, while the event loop waits (add_writer, no thread) for the client
+to read more: the event loop never sees those bytes, and a client that stops reading holds no
+thread; after `stall_timeout` seconds without progress its
 transfer is dropped. The transport's own buffer is empty before sending starts and nothing else
 writes to the connection until it ends (HTTP/1.1 answers one request at a time); the sends use
 their own duplicate of the socket descriptor (see below).
@@ -26,11 +28,12 @@ from agent import metrics
 from agent.store import access
 
 # Threads copy only while a client's socket has room; waiting for a client happens in the event
-# loop, so clients that stop reading hold no thread. Opening a file (which may wait on the disk)
-# has its own threads, so a busy sending pool never delays the next request's open.
+# loop, so clients that stop reading hold no thread.
 SEND_THREADS = 32
-OPEN_THREADS = 8
 MAX_STEP = 16 << 20
+# The first step, in the event loop: pages not yet in memory delay the loop by one read this
+# size at most (as in nginx, whose sendfile runs in its event loop).
+INLINE_STEP = 256 << 10
 # A client that keeps up makes room within this; the thread waits that long rather than hand
 # back to the event loop on every drained buffer. Longer waits happen in the loop, threadless.
 BRIEF_WAIT_MS = 20
@@ -79,6 +82,17 @@ def _widen_send_buffer(sock_fd: int) -> None:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         finally:
             s.close()
+
+
+def _send_now(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """One os.sendfile of at most INLINE_STEP bytes, as much as the socket takes right now."""
+    try:
+        n = os.sendfile(sock_fd, file_fd, offset, min(count, INLINE_STEP))
+    except BlockingIOError:
+        return 0
+    if n == 0:
+        raise EOFError("the file is shorter than its size")
+    return n
 
 
 def _send_available(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
@@ -147,8 +161,8 @@ async def write_or_stall(resp: web.StreamResponse, data: bytes, timeout: float) 
 async def _sendfile(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset: int,
                     count: int, stall_timeout: float) -> int:
     loop = asyncio.get_running_loop()
-    sent = 0
-    while True:
+    sent = _send_now(sock_fd, file_fd, offset, count)
+    while sent < count:
         sending = loop.run_in_executor(pool, _send_available, sock_fd, file_fd,
                                        offset + sent, count - sent)
         try:
@@ -158,29 +172,28 @@ async def _sendfile(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset
             # could be reused at once by another file or connection.
             await asyncio.wait([sending])
             raise
-        if sent >= count:
-            return sent
-        await _writable(loop, sock_fd, stall_timeout)
+        if sent < count:
+            await _writable(loop, sock_fd, stall_timeout)
+    return sent
 
 
 class FileSender:
-    """Sends committed files zero-copy; owns the threads that open and send them (`close`
-    stops them). A client that reads nothing for `stall_timeout` seconds is dropped."""
+    """Sends committed files zero-copy; owns the threads that send them (`close` stops
+    them). A client that reads nothing for `stall_timeout` seconds is dropped."""
 
     def __init__(self, stall_timeout: float = 60.0) -> None:
         self.stall_timeout = stall_timeout
         self._send_pool = ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="fnc-sendfile")
-        self._open_pool = ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix="fnc-open")
 
     def close(self) -> None:
-        for pool in (self._send_pool, self._open_pool):
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._send_pool.shutdown(wait=False, cancel_futures=True)
 
     async def send(self, request: web.Request, path: Path, content_type: str) \
             -> tuple[web.StreamResponse, int]:
         """Send `path` (honouring Range); returns the response and the body bytes sent."""
-        loop = asyncio.get_running_loop()
-        fd = await loop.run_in_executor(self._open_pool, access.open_fd, path)
+        # Opened in the event loop, as nginx does: the store's directories are few and hot, and
+        # a thread hand-off per request cost more CPU than the open.
+        fd = access.open_fd(path)
         try:
             return await self._send_open(request, fd, content_type)
         finally:
