@@ -10,7 +10,6 @@ import queue
 import resource
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +20,7 @@ from loadtest.closures import Caches, nar_files
 from loadtest.http import AsyncConn, Conn, Target
 from loadtest.report import percentiles
 from tests.support.agent import AgentProcess
-from tests.support.nixenv import hash_part, nix_env
+from tests.support.nixenv import hash_part, run_nix_async
 from tests.support.upstream import UpstreamServer
 
 # --- narinfo storms --------------------------------------------------------------------------
@@ -239,18 +238,7 @@ async def realise(substituters: list[str], root: str, keys: list[str], dest: Pat
                   timeout: float) -> subprocess.CompletedProcess[str]:
     """`nix-store --store DEST --realise ROOT` with only `substituters` configured."""
     args = ["nix-store", "--store", str(dest.resolve()), "--realise", root]
-    with tempfile.TemporaryDirectory(prefix="nix-xdg-") as xdg:
-        env = {**nix_env(substituter_config(substituters, keys)), "XDG_CACHE_HOME": xdg}
-        proc = await asyncio.create_subprocess_exec(
-            *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise subprocess.TimeoutExpired(args, timeout) from None
-    assert proc.returncode is not None
-    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+    return await run_nix_async(args, substituter_config(substituters, keys), timeout)
 
 
 # --- upstream accounting ---------------------------------------------------------------------

@@ -238,10 +238,16 @@ async def nix_copy_async(source_url: str, dest_root: Path, paths: list[str],
                          trusted_keys: list[str], *, timeout: float = 300,
                          extra_config: str = "") -> subprocess.CompletedProcess[str]:
     """nix_copy without blocking the event loop (for tests serving from the same loop)."""
-    args = _copy_args(source_url, dest_root, paths)
+    return await run_nix_async(_copy_args(source_url, dest_root, paths),
+                               _copy_config(trusted_keys, extra_config), timeout)
+
+
+async def run_nix_async(args: list[str], config: str,
+                        timeout: float) -> subprocess.CompletedProcess[str]:
+    """A Nix command with `config` and a cache directory of its own, without blocking the
+    event loop; killed after `timeout` seconds (subprocess.TimeoutExpired)."""
     with tempfile.TemporaryDirectory(prefix="nix-xdg-") as xdg:
-        env = nix_env(_copy_config(trusted_keys, extra_config))
-        env["XDG_CACHE_HOME"] = xdg
+        env = {**nix_env(config), "XDG_CACHE_HOME": xdg}
         proc = await asyncio.create_subprocess_exec(
             *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
