@@ -10,16 +10,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agent.kube import KubeOptions, run_kubernetes
 from agent.kube.watch import WatchOptions
-from tests.support.kubeapi import FakeKubeAPI
 
 Obj = dict[str, Any]
 
@@ -162,17 +158,6 @@ def prewarm_resource(name: str, refs: list[str], *, selector: dict[str, str] | N
             "metadata": {"name": name}, "spec": spec}
 
 
-@pytest.fixture
-def kubeapi() -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI(bookmark_interval=BOOKMARK_INTERVAL) as api:
-        yield api
-
-
-@pytest.fixture
-def kubeconfig(kubeapi: FakeKubeAPI, tmp_path: Path) -> str:
-    return str(kubeapi.write_kubeconfig(tmp_path / "kubeconfig"))
-
-
 class Agents:
     """Runs `run_kubernetes` tasks (one per node) in the test's loop; cancels them at the end."""
 
@@ -196,10 +181,3 @@ class Agents:
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                 raise r
-
-
-@pytest.fixture
-async def agents(kubeconfig: str) -> AsyncIterator[Agents]:
-    a = Agents(kubeconfig)
-    yield a
-    await a.stop()

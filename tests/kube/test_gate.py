@@ -10,21 +10,8 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from agent.kube import health
-from tests.kube import (
-    FAST,
-    Agents,
-    FakePrewarmer,
-    agents,
-    eventually,
-    kubeapi,
-    kubeconfig,
-    node,
-    pod,
-    prewarm_resource,
-)
+from tests.kube import FAST, Agents, FakePrewarmer, eventually, node, pod, prewarm_resource
 from tests.support.kubeapi import FakeKubeAPI
-
-__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
 
 
 def entry(api: FakeKubeAPI, name: str, node_name: str = "n1") -> dict[str, Any]:

@@ -15,10 +15,9 @@ from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from agent.kube.client import GROUP, PLURAL, VERSION, make_api_client
-from tests.kube import kubeapi, kubeconfig, node, pod, prewarm_resource
+from tests.kube import node, pod, prewarm_resource
 from tests.support.kubeapi import FakeKubeAPI, parse_label_selector
 
-__all__ = ["kubeapi", "kubeconfig"]  # fixtures
 MERGE = "application/merge-patch+json"
 
 

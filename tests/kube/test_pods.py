@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from tests.kube import (
-    Agents,
-    agents,
-    eventually,
-    kubeapi,
-    kubeconfig,
-    node,
-    pod,
-    stays,
-)
+from tests.kube import Agents, eventually, node, pod, stays
 from tests.support.kubeapi import FakeKubeAPI
-
-__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
 
 
 async def test_pods_pin_while_present_and_unpin_when_gone(kubeapi: FakeKubeAPI,

@@ -5,20 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tests.kube import (
-    Agents,
-    FakePrewarmer,
-    agents,
-    eventually,
-    kubeapi,
-    kubeconfig,
-    node,
-    prewarm_resource,
-    stays,
-)
+from tests.kube import Agents, FakePrewarmer, eventually, node, prewarm_resource, stays
 from tests.support.kubeapi import FakeKubeAPI
 
-__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
 NODES = ["n1", "n2", "n3"]
 
 

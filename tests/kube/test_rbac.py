@@ -16,11 +16,10 @@ from rich.console import Console
 
 from agent.kube.rollout import EXIT_FAILED, EXIT_OK, delete_prewarm, prewarm_cluster
 from agent.peers.membership import Membership, watch_endpoint_slices
-from tests.kube import FAST, Agents, FakePrewarmer, eventually, kubeapi, node, pod
+from tests.kube import FAST, Agents, FakePrewarmer, eventually, node, pod
 from tests.support.kubeapi import RBAC_YAML, FakeKubeAPI
 from tests.support.kuberbac import service_account_user
 
-__all__ = ["kubeapi"]  # fixtures
 Grant = tuple[str, str, str]  # API group, resource[/subresource], verb
 AGENT = ("flox-node-cache", "flox-node-cache")
 LEASE = "flox-node-cache-aggregator"

@@ -21,20 +21,10 @@ from agent.kube.rollout import (
     prewarm_cluster,
     resource_name,
 )
-from tests.kube import (
-    Agents,
-    FakePrewarmer,
-    agents,
-    eventually,
-    kubeapi,
-    kubeconfig,
-    node,
-    prewarm_resource,
-)
+from tests.kube import Agents, FakePrewarmer, eventually, node, prewarm_resource
 from tests.support.agent import free_port
 from tests.support.kubeapi import FakeKubeAPI
 
-__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
 REFS = ["flox/quotes-app:3", "flox/redis"]
 
 

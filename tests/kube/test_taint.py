@@ -20,18 +20,7 @@ from kubernetes_asyncio.client import ApiClient
 from agent.config import ConfigError, load
 from agent.kube.client import make_api_client
 from agent.kube.taint import REASON, WarmTaint, Warmth, removal_patch
-from tests.kube import (
-    FAST,
-    Agents,
-    FakePrewarmer,
-    agents,
-    eventually,
-    kubeapi,
-    kubeconfig,
-    node,
-    prewarm_resource,
-    stays,
-)
+from tests.kube import FAST, Agents, FakePrewarmer, eventually, node, prewarm_resource, stays
 from tests.support.agent import AgentProcess
 from tests.support.floxmeta import Floxmeta
 from tests.support.gitserver import GitHTTPServer
@@ -40,7 +29,6 @@ from tests.support.lockfiles import lockfile_for
 from tests.support.nixenv import Closure
 from tests.support.upstream import UpstreamServer
 
-__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
 Obj = dict[str, Any]
 KEY = "flox.dev/node-cache-warming"
 WARMING = {"key": KEY, "value": "true", "effect": "NoSchedule"}

@@ -13,10 +13,9 @@ from prometheus_client import REGISTRY
 
 from agent.kube.client import make_api_client
 from agent.kube.watch import ListWatch, WatchOptions
-from tests.kube import Agents, agents, eventually, kubeapi, kubeconfig, node, pod, stays
+from tests.kube import Agents, eventually, node, pod, stays
 from tests.support.kubeapi import FakeKubeAPI
 
-__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
 OPTS = WatchOptions(timeout_seconds=30, page_size=2, backoff_base=0.2, backoff_cap=0.5,
                     min_stream_seconds=0.05)
 

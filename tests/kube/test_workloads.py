@@ -7,20 +7,10 @@ from typing import Any
 import yaml
 
 from agent.kube.workloads import node_may_run, pod_template, template_ref
-from tests.kube import (
-    Agents,
-    agents,
-    deployment,
-    eventually,
-    kubeapi,
-    kubeconfig,
-    node,
-    stays,
-)
+from tests.kube import Agents, deployment, eventually, node, stays
 from tests.support.fixtures import FIXTURES
 from tests.support.kubeapi import FakeKubeAPI
 
-__all__ = ["agents", "kubeapi", "kubeconfig"]  # fixtures
 FLOX = frozenset({"flox"})
 
 
