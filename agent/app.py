@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import functools
 import grp
-import itertools
 import logging
 import os
 import signal
@@ -33,13 +32,14 @@ from agent.config import Config
 from agent.flox.floxhub import FloxHub
 from agent.flox.watch import GenerationWatch
 from agent.kube import health as kube_health
-from agent.logs import request_id
+from agent.logs import new_request_id, request_id
 from agent.node.realiser import NodeRealiser
 from agent.peers.listener import peer_app
 from agent.peers.tier import PeerTier
 from agent.prefetch import Prefetcher
 from agent.readthrough import ReadThrough
 from agent.serve import admin, cache, health, listeners
+from agent.serve.fastpath import NarinfoHits
 from agent.serve.sendfile import FileSender
 from agent.store import lock
 from agent.store.access import DirectReads
@@ -176,10 +176,6 @@ def _endpoint_of(resource: web.AbstractResource | None) -> str:
     return path.strip("/") or "other"
 
 
-_REQUEST_IDS = itertools.count()
-_ID_PREFIX = os.urandom(4).hex()
-
-
 def observe(listener: str) -> Callable:
     """Request id, per-request metrics and a debug line. A narinfo hit costs ~100 us in all,
     so label lookups are cached rather than redone per request."""
@@ -189,7 +185,7 @@ def observe(listener: str) -> Callable:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-Id") or f"{_ID_PREFIX}{next(_REQUEST_IDS):08x}"
+        rid = request.headers.get("X-Request-Id") or new_request_id()
         token = request_id.set(rid)
         start = time.monotonic()
         resource = request.match_info.route.resource
@@ -280,9 +276,15 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
 
 
+KEEPALIVE_OFF = 7 * 24 * 3600.0  # aiohttp has no "off": 0 would close every idle connection
+
+
 async def _listen(stack: AsyncExitStack, app: web.Application,
                   make_site: Callable[[web.AppRunner], web.BaseSite]) -> None:
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
+    # Idle connections are closed by serve/listeners.py, which also sees the requests that
+    # serve/fastpath.py answers without aiohttp: aiohttp's own keep-alive deadline stays off.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5,
+                           keepalive_timeout=KEEPALIVE_OFF)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)  # stop accepting, give requests a moment
     await make_site(runner).start()
@@ -314,14 +316,17 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         stack.callback(lock.acquire(config.store, config.socket).release)
         limits, metrics_limits = listeners.prepare_limits(config)
         parts = await stack.enter_async_context(build(config))
+        local_narinfo = parts.readthrough.local_narinfo
         _prepare_socket(config.socket)
         stack.callback(lambda: config.socket.unlink(missing_ok=True))
         await _listen(stack, cache_app(parts, "unix", with_admin=True),
-                      lambda r: listeners.unix_site(r, "unix", config.socket, limits))
+                      lambda r: listeners.unix_site(r, "unix", config.socket, limits,
+                                                    NarinfoHits(local_narinfo, "unix")))
         _secure_socket(config.socket, config.socket_group)
         host, port = config.listen_addr
         await _listen(stack, cache_app(parts, "tcp", with_admin=False),
-                      lambda r: listeners.tcp_site(r, "tcp", host, port, limits))
+                      lambda r: listeners.tcp_site(r, "tcp", host, port, limits,
+                                                   NarinfoHits(local_narinfo, "tcp")))
         if parts.peers and config.peer_addr:  # before /readyz: an agent that answers it is a peer
             phost, pport = config.peer_addr
             await _listen(stack, peers_app(parts, parts.peers),

@@ -5,12 +5,21 @@ set by the HTTP middleware, so every line logged while serving a request carries
 """
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import sys
 import time
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_REQUEST_IDS = itertools.count()
+_ID_PREFIX = os.urandom(4).hex()  # ids from agents and restarts do not collide
+
+
+def new_request_id() -> str:
+    """An id for a request that came without an X-Request-Id."""
+    return f"{_ID_PREFIX}{next(_REQUEST_IDS):08x}"
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:

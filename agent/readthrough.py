@@ -114,14 +114,21 @@ class ReadThrough:
 
     # --- narinfo ---------------------------------------------------------------------------
 
-    async def narinfo(self, hash_part: str, forwarded: bool = False) -> Lookup:
-        """The narinfo for a hash part; Lookup.row is None when no source has it. Raises
-        Unavailable when a source that might have it could not answer. `forwarded`: another
-        agent asks (never relayed further)."""
+    def local_narinfo(self, hash_part: str) -> NarInfoRow | None:
+        """The narinfo this store holds for a hash part, counted as a local hit; None when the
+        answer needs another source (the HTTP fast path's question: serve/fastpath.py)."""
         row = self.store.narinfo_row(hash_part)
         if row is not None:
             self.store.touch_narinfo(hash_part)
             self._count("narinfo", "local")
+        return row
+
+    async def narinfo(self, hash_part: str, forwarded: bool = False) -> Lookup:
+        """The narinfo for a hash part; Lookup.row is None when no source has it. Raises
+        Unavailable when a source that might have it could not answer. `forwarded`: another
+        agent asks (never relayed further)."""
+        row = self.local_narinfo(hash_part)
+        if row is not None:
             return Lookup(row, "local")
         until, reason = self._negative.get(hash_part, (0.0, NOT_FOUND))
         if until > time.monotonic():

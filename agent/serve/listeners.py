@@ -14,7 +14,10 @@ wrapped:
   503 (JSON, Retry-After) and closed. Accepting is done here, a batch at a time, not by the
   event loop, which takes every pending connection's descriptor at once before any can be
   closed: a burst would exhaust them;
-- the listen backlog is large, so a burst queues instead of being refused at connect.
+- the listen backlog is large, so a burst queues instead of being refused at connect;
+- a cache listener's connections offer each read that begins a request to serve/fastpath.py
+  first, while aiohttp has nothing of theirs in hand; pipelined bytes leave the connection to
+  aiohttp for good, so answers never overtake each other.
 
 The metrics listener has its own small limits, so /healthz and /readyz answer whatever the cache
 clients do, and the caps are fitted to RLIMIT_NOFILE, whose soft limit is raised to the hard one.
@@ -35,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from agent import metrics
 from agent.config import Config, ConfigError
+from agent.serve.fastpath import NarinfoHits
 from agent.upstream.client import CONNECTIONS_PER_UPSTREAM
 
 log = logging.getLogger(__name__)
@@ -116,9 +120,10 @@ class Listener:
     """One listening socket and its connections; given to aiohttp's site as its server."""
 
     def __init__(self, name: str, server: web.Server, limits: Limits,
-                 sock: socket.socket) -> None:
+                 sock: socket.socket, fast: NarinfoHits | None = None) -> None:
         self.name = name
         self.limits = limits
+        self.fast = fast
         self.sockets = [sock]
         self.loop = asyncio.get_running_loop()
         self.open: dict[RequestHandler, _Connection] = {}  # oldest first
@@ -136,10 +141,12 @@ class Listener:
             if conn is None:
                 return await handle(request)
             conn.busy += 1
-            try:
-                return await handle(request)
-            finally:
-                conn.request_done()
+            # Done once aiohttp has written the whole response, after this returns: the task
+            # is aiohttp's, one per request.
+            task = asyncio.current_task()
+            assert task is not None
+            task.add_done_callback(conn.request_done)
+            return await handle(request)
 
         # Read by each RequestHandler when it is made, so this sees every request.
         server.request_handler = tracked
@@ -264,8 +271,10 @@ class _Connection(asyncio.Protocol):
         self.handler = handler
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.busy = 0  # requests being handled (aiohttp handles one at a time)
-        self.receiving = False  # bytes of a next request arrived since the last one ended
+        self.busy = 0  # requests aiohttp is handling or answering (one at a time)
+        self.receiving = False  # bytes of a next request went to aiohttp since the last ended
+        self.pipelined = False  # bytes arrived while aiohttp was busy: it keeps the connection
+        self.writing = True  # the transport is not paused
         self.since = listener.loop.time()  # connected, or last request ended
         self.expires = 0.0
         self.reason = ""
@@ -280,19 +289,36 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy and not self.receiving:
+        if self.busy:
+            self.pipelined = True
+        elif not self.receiving:
+            if self._answered_here(data):
+                return
             self.receiving = True  # a request has begun: its headers are due soon
             deadline = self.listener.loop.time() + self.listener.limits.header_timeout
             self._expire_at(min(self.expires, deadline), "header_timeout")
         self.handler.data_received(data)
 
+    def _answered_here(self, data: bytes) -> bool:
+        fast = self.listener.fast
+        if fast is None or self.pipelined or not self.writing or self.transport is None:
+            return False
+        response = fast.answer(data)
+        if response is None:
+            return False
+        self.transport.write(response)
+        self._idle()
+        return True
+
     def eof_received(self) -> bool | None:
         return self.handler.eof_received()
 
     def pause_writing(self) -> None:
+        self.writing = False
         self.handler.pause_writing()
 
     def resume_writing(self) -> None:
+        self.writing = True
         self.handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -302,12 +328,15 @@ class _Connection(asyncio.Protocol):
         self.listener.forget(self)
         self.handler.connection_lost(exc)
 
-    def request_done(self) -> None:
+    def request_done(self, _: object = None) -> None:
         self.busy -= 1
         if not self.busy:
             self.receiving = False
-            self.since = self.listener.loop.time()
-            self._expire_at(self.since + self.listener.limits.keepalive_timeout, "idle_timeout")
+            self._idle()
+
+    def _idle(self) -> None:
+        self.since = self.listener.loop.time()
+        self._expire_at(self.since + self.listener.limits.keepalive_timeout, "idle_timeout")
 
     def close(self, reason: str) -> None:
         self.closed = True
@@ -340,9 +369,10 @@ class _Site(web.BaseSite):
     """An aiohttp site whose connections go through a Listener; a bind error is a ConfigError."""
 
     def __init__(self, runner: web.BaseRunner, name: str, where: str, limits: Limits,
-                 bind: Callable[[], socket.socket]) -> None:
+                 bind: Callable[[], socket.socket], fast: NarinfoHits | None) -> None:
         super().__init__(runner, backlog=BACKLOG)
         self._name, self._where, self._limits, self._bind = name, where, limits, bind
+        self._fast = fast
 
     @property
     def name(self) -> str:
@@ -358,18 +388,19 @@ class _Site(web.BaseSite):
             raise ConfigError(f"cannot listen on {self._where} ({OPTIONS[self._name]}): "
                               f"{reason}") from None
         self._server = Listener(self._name, self._runner.server, self._limits,  # type: ignore
-                                sock)
+                                sock, self._fast)
 
 
 def tcp_site(runner: web.BaseRunner, name: str, host: str, port: int,
-             limits: Limits) -> web.BaseSite:
+             limits: Limits, fast: NarinfoHits | None = None) -> web.BaseSite:
     def bind() -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family, backlog=BACKLOG)
-    return _Site(runner, name, f"{host}:{port}", limits, bind)
+    return _Site(runner, name, f"{host}:{port}", limits, bind, fast)
 
 
-def unix_site(runner: web.BaseRunner, name: str, path: Path, limits: Limits) -> web.BaseSite:
+def unix_site(runner: web.BaseRunner, name: str, path: Path, limits: Limits,
+              fast: NarinfoHits | None = None) -> web.BaseSite:
     def bind() -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -379,4 +410,4 @@ def unix_site(runner: web.BaseRunner, name: str, path: Path, limits: Limits) -> 
             sock.close()
             raise
         return sock
-    return _Site(runner, name, str(path), limits, bind)
+    return _Site(runner, name, str(path), limits, bind, fast)

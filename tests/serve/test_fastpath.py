@@ -1,0 +1,251 @@
+"""Narinfo hits answered before aiohttp (agent/serve/fastpath.py): the same answer as the
+aiohttp route, counted the same, and every request it should not answer left to aiohttp
+intact, on connections that mix both, keep alive, pipeline or stall."""
+
+import re
+import select
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.serve.fastpath import NarinfoHits
+from tests.support.agent import AgentProcess
+from tests.support.nixenv import Closure, hash_part
+from tests.support.upstream import UpstreamServer
+
+HASH = "0" * 31 + "1"
+TEXT = f"StorePath: /nix/store/{HASH}-x\nURL: nar/x.nar\n"
+
+
+class _Row:
+    text = TEXT
+
+
+def _hits(known: str = HASH) -> NarinfoHits:
+    return NarinfoHits(lambda h: _Row() if h == known else None, "unit")  # type: ignore
+
+
+def _request(target: str = f"/{HASH}.narinfo", method: str = "GET", version: str = "HTTP/1.1",
+             headers: str = "Host: agent\r\nAccept: */*\r\n") -> bytes:
+    return f"{method} {target} {version}\r\n{headers}\r\n".encode()
+
+
+def test_a_plain_hit_is_answered_whole() -> None:
+    out = _hits().answer(_request(headers="Host: a\r\nX-Request-Id: abc-1\r\n"))
+    assert out is not None
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK"
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    assert fields["Content-Type"] == "text/x-nix-narinfo"
+    assert int(fields["Content-Length"]) == len(body) and body == TEXT.encode()
+    assert fields["X-Request-Id"] == "abc-1"
+    assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", fields["Date"])
+
+
+def test_head_has_the_length_and_no_body() -> None:
+    out = _hits().answer(_request(method="HEAD"))
+    assert out is not None and out.endswith(b"\r\n\r\n")
+    assert f"Content-Length: {len(TEXT)}\r\n".encode() in out
+
+
+@pytest.mark.parametrize("data", [
+    _request(f"/{'0' * 31}2.narinfo"),                                   # a miss
+    _request(f"/{HASH}.narinfo?x=1"[:42]),                               # not the exact target
+    _request(f"/{HASH}.narinfo", version="HTTP/1.0"),
+    _request(method="POST"), _request(method="get"),
+    _request(f"http://a/{HASH}.narinfo"),                               # absolute form
+    _request(f"/{'e' * 32}.narinfo"),                                    # 'e' is not nix32
+    _request(f"/nar/{HASH}.narinfo"[:42]),
+    _request(headers="Connection: close\r\n"),
+    _request(headers="Connection: upgrade\r\nUpgrade: h2c\r\n"),
+    _request(headers="Content-Length: 0\r\n"),
+    _request(headers="Transfer-Encoding: chunked\r\n"),
+    _request(headers="Expect: 100-continue\r\n"),
+    _request(headers="Host: a\r\n folded\r\n"),                          # obs-fold
+    _request(headers="Host : a\r\n"),                                    # space before colon
+    _request(headers="NoColon\r\n"),
+    _request(headers="X-Request-Id: a\x01b\r\n"),
+    _request(headers="X-Request-Id: caf\xe9\r\n".encode("latin-1").decode("latin-1")),
+    _request(headers="X-Long: " + "a" * 9000 + "\r\n"),
+    _request()[:-2],                                                     # partial
+    _request() + _request(),                                             # pipelined
+    _request().replace(b"\r\n", b"\n"),                                  # bare LF
+    _request().replace(b" /", b"  /", 1),
+], ids=lambda d: d[:60].decode("latin-1"))
+def test_anything_but_a_plain_hit_is_left_to_aiohttp(data: bytes) -> None:
+    assert _hits().answer(data) is None
+
+
+# --- against the real agent -----------------------------------------------------------------
+
+@pytest.fixture
+def agent(tmp_path: Path, upstream_server: UpstreamServer,
+          signing_key: tuple[Path, str]) -> Iterator[AgentProcess]:
+    with AgentProcess(tmp_path / "agent", [upstream_server.url], [signing_key[1]],
+                      "--recompress", "none", "--keepalive-timeout", "2") as agent:
+        yield agent
+
+
+def _connect(agent: AgentProcess) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _read_response(s: socket.socket, buf: bytearray, head_only: bool = False) \
+        -> tuple[int, dict[str, str], bytes]:
+    """One response from `s` (bytes after it stay in `buf`)."""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed before a response"
+        buf += chunk
+    head, _, _ = bytes(buf).partition(b"\r\n\r\n")
+    del buf[:len(head) + 4]
+    lines = head.decode().split("\r\n")
+    fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    length = 0 if head_only else int(fields.get("content-length", 0))
+    while len(buf) < length:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed mid-body"
+        buf += chunk
+    body = bytes(buf[:length])
+    del buf[:length]
+    return int(lines[0].split()[1]), fields, body
+
+
+def _get(target: str, extra: str = "") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: agent\r\n{extra}\r\n".encode()
+
+
+def _field(narinfo: bytes, name: str) -> str:
+    return next(line.split(": ", 1)[1] for line in narinfo.decode().splitlines()
+                if line.startswith(name + ": "))
+
+
+def _nar_url(narinfo: bytes) -> str:
+    return "/" + _field(narinfo, "URL")
+
+
+def test_one_connection_mixes_hits_misses_and_nars_in_order(
+        agent: AgentProcess, small_closure: Closure) -> None:
+    first, second = (hash_part(p) for p in small_closure.paths[:2])
+    with _connect(agent) as s:
+        buf = bytearray()
+        s.sendall(_get(f"/{first}.narinfo"))       # a miss: aiohttp reads it through
+        status, fields, miss_body = _read_response(s, buf)
+        assert status == 200 and "server" in fields  # aiohttp names itself
+        s.sendall(_get(f"/{first}.narinfo"))       # now a hit: the fast path
+        status, fields, hit_body = _read_response(s, buf)
+        assert status == 200 and hit_body == miss_body and "server" not in fields
+        assert fields["content-type"] == "text/x-nix-narinfo"
+        s.sendall(_get(_nar_url(hit_body)))        # a NAR on the same connection: aiohttp
+        status, _, nar = _read_response(s, buf)
+        assert status == 200 and len(nar) == int(_field(hit_body, "FileSize"))
+        s.sendall(_get(f"/{second}.narinfo"))
+        assert _read_response(s, buf)[0] == 200
+        s.sendall(_get(f"/{first}.narinfo", "X-Request-Id: mine-7\r\n"))
+        status, fields, body = _read_response(s, buf)
+        assert (status, fields["x-request-id"], body) == (200, "mine-7", hit_body)
+        s.sendall(f"HEAD /{first}.narinfo HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        status, fields, body = _read_response(s, buf, head_only=True)
+        assert status == 200 and int(fields["content-length"]) == len(hit_body)
+        s.sendall(_get("/nix-cache-info"))         # aiohttp again, after the fast path
+        status, _, info = _read_response(s, buf)
+        assert status == 200 and info.startswith(b"StoreDir: /nix/store")
+        assert not buf
+
+
+def test_pipelined_requests_are_answered_in_order(
+        agent: AgentProcess, small_closure: Closure) -> None:
+    hashes = [hash_part(p) for p in small_closure.paths[:3]]
+    with _connect(agent) as s:
+        buf = bytearray()
+        for h in hashes:  # commit them, one at a time
+            s.sendall(_get(f"/{h}.narinfo"))
+            _read_response(s, buf)
+        bodies = {}
+        for h in hashes:
+            s.sendall(_get(f"/{h}.narinfo"))
+            bodies[h] = _read_response(s, buf)[2]
+        nar = _nar_url(bodies[hashes[0]])
+        # One write: a NAR between narinfo hits, then the cache info and a miss
+        batch = [f"/{hashes[1]}.narinfo", nar, f"/{hashes[2]}.narinfo", "/nix-cache-info",
+                 f"/{hashes[0]}.narinfo", f"/{'0' * 32}.narinfo"]
+        s.sendall(b"".join(_get(t) for t in batch))
+        answers = [_read_response(s, buf) for _ in batch]
+        assert [a[0] for a in answers] == [200, 200, 200, 200, 200, 404]
+        assert answers[0][2] == bodies[hashes[1]] and answers[2][2] == bodies[hashes[2]]
+        assert len(answers[1][2]) == int(_field(bodies[hashes[0]], "FileSize"))
+        assert answers[3][2].startswith(b"StoreDir:") and answers[4][2] == bodies[hashes[0]]
+        s.sendall(_get(f"/{hashes[1]}.narinfo"))  # the connection still works
+        assert _read_response(s, buf)[2] == bodies[hashes[1]]
+
+
+def test_hits_are_counted_like_the_routes_and_keep_the_connection_alive_while_used(
+        agent: AgentProcess, small_closure: Closure) -> None:
+    h = hash_part(small_closure.paths[0])
+    with _connect(agent) as s:
+        buf = bytearray()
+        s.sendall(_get(f"/{h}.narinfo"))
+        _read_response(s, buf)  # the miss, through aiohttp
+        before = agent.metric("flox_node_cache_http_requests_total", listener="tcp",
+                         endpoint="narinfo", method="GET", code="200")
+        hits_before = agent.metric("flox_node_cache_lookups_total", kind="narinfo",
+                              source="local")
+        # Busier than the 2 s keep-alive deadline for 3 s: never closed while in use
+        deadline, sent = time.monotonic() + 3, 0
+        while time.monotonic() < deadline:
+            s.sendall(_get(f"/{h}.narinfo"))
+            assert _read_response(s, buf)[0] == 200
+            sent += 1
+            time.sleep(0.05)
+        after = agent.metric("flox_node_cache_http_requests_total", listener="tcp",
+                        endpoint="narinfo", method="GET", code="200")
+        assert after - before == sent
+        assert agent.metric("flox_node_cache_lookups_total", kind="narinfo",
+                       source="local") - hits_before == sent
+        # Then idle: closed by the listener's keep-alive deadline, not left open
+        assert select.select([s], [], [], 5)[0], "an idle connection was not closed"
+        assert s.recv(1) == b""
+
+
+def _rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) << 10  # type: ignore[union-attr]
+
+
+def test_a_client_that_reads_no_answers_is_not_buffered_without_bound(
+        agent: AgentProcess, small_closure: Closure) -> None:
+    """Requests one at a time from a client that never reads: once the socket is full the
+    transport pauses, the fast path stops answering, and aiohttp's flow control stops reading
+    from the client."""
+    h = hash_part(small_closure.paths[0])
+    with _connect(agent) as warm:
+        warm.sendall(_get(f"/{h}.narinfo"))
+        _read_response(warm, bytearray())
+    assert agent.proc is not None
+    s = _connect(agent)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setblocking(False)
+    blocked = False
+    try:
+        for i in range(200_000):
+            try:
+                s.send(_get(f"/{h}.narinfo"))
+            except BlockingIOError:
+                blocked = True  # the agent stopped reading: backpressure reached the client
+                break
+            if i % 64 == 0:
+                time.sleep(0.001)  # mostly one request per read: the fast path's case
+        rss = _rss_bytes(agent.proc.pid)
+        assert blocked, "the agent kept reading from a client that reads nothing"
+        assert rss < 300 << 20, f"agent grew to {rss >> 20} MiB for a client that reads nothing"
+    finally:
+        s.close()
+    with urllib.request.urlopen(f"{agent.url}/{h}.narinfo", timeout=10) as r:
+        assert r.status == 200
