@@ -146,7 +146,7 @@ async def build(config: Config) -> AsyncIterator[Parts]:
                        functools.partial(watch.run, prefetcher.follow_generation),
                        realiser.run]
         if config.kubernetes_enabled():
-            from agent.kube import KubeOptions, run_kubernetes
+            from agent.kube.agent import KubeOptions, run_kubernetes
 
             background.append(functools.partial(
                 run_kubernetes, prefetcher, node_name=config.node_name or "",

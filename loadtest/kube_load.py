@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.kube import KubeOptions, run_kubernetes
+from agent.kube.agent import KubeOptions, run_kubernetes
 from agent.kube.watch import WatchOptions
 from tests.support.kubeapi import FakeKubeAPI
 

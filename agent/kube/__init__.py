@@ -1,6 +1,5 @@
-"""Kubernetes integration: watch pods, workloads and EnvironmentPrewarm resources."""
+"""Kubernetes integration: watch pods, workloads and EnvironmentPrewarm resources.
 
-from agent.kube.agent import KubeOptions, run_kubernetes
-from agent.kube.types import Job, Prewarmer, Progress
-
-__all__ = ["Job", "KubeOptions", "Prewarmer", "Progress", "run_kubernetes"]
+Nothing is imported here: kubernetes-asyncio costs about 60 MiB of resident memory, so only an
+agent that runs in a cluster loads it (agent.kube.agent); health and status need none of it.
+"""

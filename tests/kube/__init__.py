@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.kube import KubeOptions, run_kubernetes
+from agent.kube.agent import KubeOptions, run_kubernetes
 from agent.kube.watch import WatchOptions
 
 Obj = dict[str, Any]
