@@ -39,7 +39,7 @@ from agent.peers.tier import PeerTier
 from agent.prefetch import Prefetcher
 from agent.readthrough import ReadThrough
 from agent.serve import admin, cache, health, listeners
-from agent.serve.fastpath import NarinfoHits
+from agent.serve.fastpath import Hits
 from agent.serve.sendfile import FileSender
 from agent.store import lock
 from agent.store.access import DirectReads
@@ -316,17 +316,16 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         stack.callback(lock.acquire(config.store, config.socket).release)
         limits, metrics_limits = listeners.prepare_limits(config)
         parts = await stack.enter_async_context(build(config))
-        local_narinfo = parts.readthrough.local_narinfo
         _prepare_socket(config.socket)
         stack.callback(lambda: config.socket.unlink(missing_ok=True))
         await _listen(stack, cache_app(parts, "unix", with_admin=True),
                       lambda r: listeners.unix_site(r, "unix", config.socket, limits,
-                                                    NarinfoHits(local_narinfo, "unix")))
+                                                    Hits(parts.readthrough, parts.sender, "unix")))
         _secure_socket(config.socket, config.socket_group)
         host, port = config.listen_addr
         await _listen(stack, cache_app(parts, "tcp", with_admin=False),
                       lambda r: listeners.tcp_site(r, "tcp", host, port, limits,
-                                                   NarinfoHits(local_narinfo, "tcp")))
+                                                   Hits(parts.readthrough, parts.sender, "tcp")))
         if parts.peers and config.peer_addr:  # before /readyz: an agent that answers it is a peer
             phost, pport = config.peer_addr
             await _listen(stack, peers_app(parts, parts.peers),

@@ -210,15 +210,15 @@ class ReadThrough:
         """A committed NAR or the transfer that is fetching it (started if needed), to be used
         at once as `async with`. Raises UnknownNar when no narinfo names the file,
         Unavailable when its source is gone. `forwarded`: another agent asks."""
+        handle = self.local_nar(file)
+        if handle is not None:
+            return handle
         row = self.store.nar_row(file)
-        if row is not None and row.committed and not self.store.nar_present(file):
+        if row is not None and row.committed:
             self.store.lose_nar(file)  # deleted behind our back: a miss from now on
             row = None
         if row is None:
             return self._stream_again(file, forwarded)
-        if row.committed:
-            self._count("nar", "local")
-            return NarHandle(self, row, "local", None, "local")
         try:
             transfer, joined = self._transfer(row, forwarded)
         except Unavailable:
@@ -228,6 +228,15 @@ class ReadThrough:
         source = "coalesced" if joined else kind
         self._count("nar", source)
         return NarHandle(self, row, source, transfer, kind)
+
+    def local_nar(self, file: str) -> "NarHandle | None":
+        """A committed NAR this store holds, as open_nar gives it; None when the answer needs
+        more (a transfer, a lost file, a source: the HTTP fast path's question)."""
+        row = self.store.nar_row(file)
+        if row is None or not row.committed or not self.store.nar_present(file):
+            return None
+        self._count("nar", "local")
+        return NarHandle(self, row, "local", None, "local")
 
     async def fetch_nar(self, file: str) -> int:
         """Make a NAR present (prefetch); returns the bytes fetched from a source (0 if it was

@@ -16,8 +16,9 @@ wrapped:
   closed: a burst would exhaust them;
 - the listen backlog is large, so a burst queues instead of being refused at connect;
 - a cache listener's connections offer each read that begins a request to serve/fastpath.py
-  first, while aiohttp has nothing of theirs in hand; pipelined bytes leave the connection to
-  aiohttp for good, so answers never overtake each other.
+  first, while aiohttp has nothing of theirs in hand; bytes that arrive while a request is being
+  answered (pipelining) leave the connection to aiohttp for good, so answers never overtake
+  each other.
 
 The metrics listener has its own small limits, so /healthz and /readyz answer whatever the cache
 clients do, and the caps are fitted to RLIMIT_NOFILE, whose soft limit is raised to the hard one.
@@ -38,7 +39,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from agent import metrics
 from agent.config import Config, ConfigError
-from agent.serve.fastpath import NarinfoHits
+from agent.serve.fastpath import Hits, NarSend
+from agent.serve.sendfile import abort
 from agent.upstream.client import CONNECTIONS_PER_UPSTREAM
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,7 @@ class Listener:
     """One listening socket and its connections; given to aiohttp's site as its server."""
 
     def __init__(self, name: str, server: web.Server, limits: Limits,
-                 sock: socket.socket, fast: NarinfoHits | None = None) -> None:
+                 sock: socket.socket, fast: Hits | None = None) -> None:
         self.name = name
         self.limits = limits
         self.fast = fast
@@ -141,12 +143,28 @@ class Listener:
             if conn is None:
                 return await handle(request)
             conn.busy += 1
-            # Done once aiohttp has written the whole response, after this returns: the task
-            # is aiohttp's, one per request.
+            answered = False
+
+            def done(_: object = None) -> None:
+                nonlocal answered
+                if not answered:
+                    answered = True
+                    conn.request_done()
+            # Done once the whole response is written: here for answers (a client that waits
+            # for one may send its next request at once), else when aiohttp's task for the
+            # request ends, after it has answered an error.
             task = asyncio.current_task()
             assert task is not None
-            task.add_done_callback(conn.request_done)
-            return await handle(request)
+            task.add_done_callback(done)
+            try:
+                resp = await handle(request)
+            except web.HTTPException as e:
+                await _written(request, e)
+                done()
+                raise
+            await _written(request, resp)
+            done()
+            return resp
 
         # Read by each RequestHandler when it is made, so this sees every request.
         server.request_handler = tracked
@@ -263,6 +281,13 @@ class Listener:
         self._wake()
 
 
+async def _written(request: web.BaseRequest, resp: web.StreamResponse) -> None:
+    """Write the response now (aiohttp's own prepare and write_eof after it do nothing)."""
+    if not resp.prepared:
+        await resp.prepare(request)
+    await resp.write_eof()
+
+
 class _Connection(asyncio.Protocol):
     """aiohttp's protocol for one connection, with a deadline whenever no request runs."""
 
@@ -275,6 +300,8 @@ class _Connection(asyncio.Protocol):
         self.receiving = False  # bytes of a next request went to aiohttp since the last ended
         self.pipelined = False  # bytes arrived while aiohttp was busy: it keeps the connection
         self.writing = True  # the transport is not paused
+        self._sending: asyncio.Task[None] | None = None  # a NAR the fast path is sending
+        self._held = b""  # what arrived meanwhile, for aiohttp once it is sent
         self.since = listener.loop.time()  # connected, or last request ended
         self.expires = 0.0
         self.reason = ""
@@ -289,6 +316,11 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._sending is not None:
+            self._held += data
+            if self.transport is not None:
+                self.transport.pause_reading()  # one read held at most
+            return
         if self.busy:
             self.pipelined = True
         elif not self.receiving:
@@ -306,9 +338,29 @@ class _Connection(asyncio.Protocol):
         response = fast.answer(data)
         if response is None:
             return False
+        if isinstance(response, NarSend):
+            self.busy += 1
+            self._sending = self.listener.loop.create_task(self._send(response))
+            return True
         self.transport.write(response)
         self._idle()
         return True
+
+    async def _send(self, nar: NarSend) -> None:
+        assert self.transport is not None
+        try:
+            await nar.run(self.transport)
+        except Exception:
+            log.exception("nar send failed")
+            abort(self.transport)
+        finally:
+            self._sending = None
+            self.request_done()
+        if self._held and not self.transport.is_closing():
+            held, self._held = self._held, b""
+            self.pipelined = True
+            self.transport.resume_reading()
+            self.data_received(held)
 
     def eof_received(self) -> bool | None:
         return self.handler.eof_received()
@@ -322,6 +374,9 @@ class _Connection(asyncio.Protocol):
         self.handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._sending is not None:
+            self._sending.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -335,6 +390,8 @@ class _Connection(asyncio.Protocol):
             self._idle()
 
     def _idle(self) -> None:
+        if self.closed:
+            return
         self.since = self.listener.loop.time()
         self._expire_at(self.since + self.listener.limits.keepalive_timeout, "idle_timeout")
 
@@ -369,7 +426,7 @@ class _Site(web.BaseSite):
     """An aiohttp site whose connections go through a Listener; a bind error is a ConfigError."""
 
     def __init__(self, runner: web.BaseRunner, name: str, where: str, limits: Limits,
-                 bind: Callable[[], socket.socket], fast: NarinfoHits | None) -> None:
+                 bind: Callable[[], socket.socket], fast: Hits | None) -> None:
         super().__init__(runner, backlog=BACKLOG)
         self._name, self._where, self._limits, self._bind = name, where, limits, bind
         self._fast = fast
@@ -392,7 +449,7 @@ class _Site(web.BaseSite):
 
 
 def tcp_site(runner: web.BaseRunner, name: str, host: str, port: int,
-             limits: Limits, fast: NarinfoHits | None = None) -> web.BaseSite:
+             limits: Limits, fast: Hits | None = None) -> web.BaseSite:
     def bind() -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family, backlog=BACKLOG)
@@ -400,7 +457,7 @@ def tcp_site(runner: web.BaseRunner, name: str, host: str, port: int,
 
 
 def unix_site(runner: web.BaseRunner, name: str, path: Path, limits: Limits,
-              fast: NarinfoHits | None = None) -> web.BaseSite:
+              fast: Hits | None = None) -> web.BaseSite:
     def bind() -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

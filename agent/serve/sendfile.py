@@ -71,17 +71,13 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
-def _widen_send_buffer(sock_fd: int) -> None:
+def _widen_send_buffer(sock: socket.socket) -> None:
     """Fewer wake-ups per NAR on a Unix socket, whose default send buffer is small. (TCP tunes
     its own buffers; setting SO_SNDBUF there would switch that off.)"""
-    with contextlib.suppress(OSError):
-        s = socket.socket(fileno=os.dup(sock_fd))
-        try:
-            if s.family == socket.AF_UNIX and \
-                    s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SEND_BUFFER:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        finally:
-            s.close()
+    if sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SEND_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
 
 def _send_now(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
@@ -158,10 +154,11 @@ async def write_or_stall(resp: web.StreamResponse, data: bytes, timeout: float) 
         raise _stalled(timeout) from None
 
 
-async def _sendfile(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset: int,
-                    count: int, stall_timeout: float) -> int:
+async def _send_rest(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset: int,
+                     count: int, stall_timeout: float) -> None:
+    """Send `count` bytes from `offset` in worker threads, waiting for room in the loop."""
     loop = asyncio.get_running_loop()
-    sent = _send_now(sock_fd, file_fd, offset, count)
+    sent = 0
     while sent < count:
         sending = loop.run_in_executor(pool, _send_available, sock_fd, file_fd,
                                        offset + sent, count - sent)
@@ -171,10 +168,11 @@ async def _sendfile(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset
             # The caller closes both descriptors next; a number closed under a running send
             # could be reused at once by another file or connection.
             await asyncio.wait([sending])
+            if not sending.cancelled():
+                sending.exception()  # retrieved: the client is gone, so is any error's point
             raise
         if sent < count:
             await _writable(loop, sock_fd, stall_timeout)
-    return sent
 
 
 class FileSender:
@@ -199,9 +197,38 @@ class FileSender:
         finally:
             os.close(fd)
 
+    async def _send_rest(self, sock: socket.socket, fd: int, offset: int, count: int) -> None:
+        # The threads write to a duplicate of the socket: if the client goes away and the
+        # transport closes its descriptor, the number may be reused by a new connection at
+        # once, and bytes must never land there.
+        sock_fd = os.dup(sock.fileno())
+        try:
+            await _send_rest(self._send_pool, sock_fd, fd, offset, count, self.stall_timeout)
+        finally:
+            os.close(sock_fd)
+
+    async def send_body(self, transport: asyncio.Transport, fd: int, offset: int,
+                        count: int) -> None:
+        """Send `count` bytes of `fd` from `offset` once the headers written to `transport`
+        are out. On a failure the connection is reset (a half-sent body must not look
+        complete) and the error raised."""
+        sock = transport.get_extra_info("socket")
+        try:
+            if sock is None:
+                raise ConnectionResetError("client went away")
+            await _headers_sent(transport, self.stall_timeout)
+            if transport.is_closing():  # its descriptor's number may belong to another now
+                raise ConnectionResetError("client went away")
+            _widen_send_buffer(sock)
+            sent = _send_now(sock.fileno(), fd, offset, count)  # no await since the check
+            if sent < count:
+                await self._send_rest(sock, fd, offset + sent, count - sent)
+        except (OSError, ClientStalled, EOFError):
+            abort(transport)
+            raise
+
     async def _send_open(self, request: web.Request, fd: int, content_type: str) \
             -> tuple[web.StreamResponse, int]:
-        stall_timeout = self.stall_timeout
         size = os.fstat(fd).st_size
         span = _byte_range(request, size)
         start, stop = span or (0, size)
@@ -213,23 +240,8 @@ class FileSender:
         await resp.prepare(request)
         if request.method == "HEAD" or stop == start:
             return resp, 0
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport else None
-        if transport is None or sock is None:
+        if request.transport is None:
             raise ConnectionResetError("client went away")
-        # The threads write to a duplicate of the socket: if the client goes away and the
-        # transport closes its descriptor, the number may be reused by a new connection at
-        # once, and bytes must never land there.
-        sock_fd = os.dup(sock.fileno())
-        try:
-            await _headers_sent(transport, stall_timeout)
-            _widen_send_buffer(sock_fd)
-            sent = await _sendfile(self._send_pool, sock_fd, fd, start, stop - start,
-                                   stall_timeout)
-        except (OSError, ClientStalled, EOFError):
-            abort(transport)
-            raise
-        finally:
-            os.close(sock_fd)
+        await self.send_body(request.transport, fd, start, stop - start)
         await resp.write_eof()
-        return resp, sent
+        return resp, stop - start

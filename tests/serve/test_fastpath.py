@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.serve.fastpath import NarinfoHits
+from agent.serve.fastpath import Hits
 from tests.support.agent import AgentProcess
 from tests.support.nixenv import Closure, hash_part
 from tests.support.upstream import UpstreamServer
@@ -25,8 +25,21 @@ class _Row:
     text = TEXT
 
 
-def _hits(known: str = HASH) -> NarinfoHits:
-    return NarinfoHits(lambda h: _Row() if h == known else None, "unit")  # type: ignore
+class _ReadThrough:
+    """Holds one narinfo and no NAR."""
+
+    def __init__(self, known: str) -> None:
+        self.known = known
+
+    def local_narinfo(self, hash_part: str) -> _Row | None:
+        return _Row() if hash_part == self.known else None
+
+    def local_nar(self, file: str) -> None:
+        return None
+
+
+def _hits(known: str = HASH) -> Hits:
+    return Hits(_ReadThrough(known), None, "unit")  # type: ignore[arg-type]
 
 
 def _request(target: str = f"/{HASH}.narinfo", method: str = "GET", version: str = "HTTP/1.1",
@@ -65,6 +78,7 @@ def test_head_has_the_length_and_no_body() -> None:
     _request(headers="Connection: upgrade\r\nUpgrade: h2c\r\n"),
     _request(headers="Content-Length: 0\r\n"),
     _request(headers="Transfer-Encoding: chunked\r\n"),
+    _request("/nar/" + "0" * 52 + ".nar"),                               # a NAR not held
     _request(headers="Expect: 100-continue\r\n"),
     _request(headers="Host: a\r\n folded\r\n"),                          # obs-fold
     _request(headers="Host : a\r\n"),                                    # space before colon
@@ -131,6 +145,16 @@ def _nar_url(narinfo: bytes) -> str:
     return "/" + _field(narinfo, "URL")
 
 
+def _commit(agent: AgentProcess, h: str) -> tuple[bytes, bytes]:
+    """Fetch a path's narinfo and NAR through the agent, so both are held: (narinfo, NAR)."""
+    with _connect(agent) as s:
+        buf = bytearray()
+        s.sendall(_get(f"/{h}.narinfo"))
+        narinfo = _read_response(s, buf)[2]
+        s.sendall(_get(_nar_url(narinfo)))
+        return narinfo, _read_response(s, buf)[2]
+
+
 def test_one_connection_mixes_hits_misses_and_nars_in_order(
         agent: AgentProcess, small_closure: Closure) -> None:
     first, second = (hash_part(p) for p in small_closure.paths[:2])
@@ -143,9 +167,17 @@ def test_one_connection_mixes_hits_misses_and_nars_in_order(
         status, fields, hit_body = _read_response(s, buf)
         assert status == 200 and hit_body == miss_body and "server" not in fields
         assert fields["content-type"] == "text/x-nix-narinfo"
-        s.sendall(_get(_nar_url(hit_body)))        # a NAR on the same connection: aiohttp
-        status, _, nar = _read_response(s, buf)
+        s.sendall(_get(_nar_url(hit_body)))        # a NAR being fetched: aiohttp streams it
+        status, fields, nar = _read_response(s, buf)
         assert status == 200 and len(nar) == int(_field(hit_body, "FileSize"))
+        assert "server" in fields
+        s.sendall(_get(_nar_url(hit_body)))        # committed now: the fast path sends it
+        status, fields, again = _read_response(s, buf)
+        assert (status, again, fields["content-type"]) == (200, nar, "application/x-nix-nar")
+        assert "server" not in fields and fields["accept-ranges"] == "bytes"
+        s.sendall(_get(_nar_url(hit_body), "Range: bytes=0-9\r\n"))  # a Range: aiohttp
+        status, fields, part = _read_response(s, buf)
+        assert (status, part) == (206, nar[:10])
         s.sendall(_get(f"/{second}.narinfo"))
         assert _read_response(s, buf)[0] == 200
         s.sendall(_get(f"/{first}.narinfo", "X-Request-Id: mine-7\r\n"))
@@ -249,3 +281,45 @@ def test_a_client_that_reads_no_answers_is_not_buffered_without_bound(
         s.close()
     with urllib.request.urlopen(f"{agent.url}/{h}.narinfo", timeout=10) as r:
         assert r.status == 200
+
+
+def test_a_request_sent_while_a_nar_is_going_out_waits_for_it(
+        agent: AgentProcess, big_path_closure: Closure, small_closure: Closure) -> None:
+    """A client that sends its next request before reading a NAR the fast path is sending
+    gets both answers, in order, the second from aiohttp."""
+    big = hash_part(big_path_closure.roots[0])
+    small = hash_part(small_closure.paths[0])
+    big_info, _ = _commit(agent, big)
+    _commit(agent, small)
+    url = _nar_url(big_info)
+    size = int(_field(big_info, "FileSize"))
+    assert size > 6 << 20, "the NAR must outlast the socket buffers"
+    with _connect(agent) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        buf = bytearray()
+        s.sendall(_get(url))
+        time.sleep(0.3)  # the agent is sending, waiting for room
+        s.sendall(_get(f"/{small}.narinfo"))
+        status, fields, nar = _read_response(s, buf)
+        assert status == 200 and len(nar) == size and "server" not in fields
+        status, fields, narinfo = _read_response(s, buf)
+        assert status == 200 and narinfo.startswith(b"StorePath: ") and "server" in fields
+        s.sendall(_get(f"/{small}.narinfo"))  # pipelined once: aiohttp's from now on
+        assert "server" in _read_response(s, buf)[1]
+
+
+def test_a_client_gone_mid_nar_leaves_the_agent_serving(
+        agent: AgentProcess, big_path_closure: Closure) -> None:
+    narinfo, nar = _commit(agent, hash_part(big_path_closure.roots[0]))
+    for _ in range(5):
+        s = _connect(agent)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(_get(_nar_url(narinfo)))
+        s.recv(4096)
+        s.close()  # mid-body
+    with _connect(agent) as s:
+        buf = bytearray()
+        s.sendall(_get(_nar_url(narinfo)))
+        assert _read_response(s, buf)[2] == nar
+    assert "nar send failed" not in agent.logs()
+    assert "Traceback" not in agent.logs()
