@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.kube import BOOKMARK_INTERVAL
+from tests.support.kubeapi import FakeKubeAPI
 from tests.support.nixenv import (
     Closure,
     build_closure,
@@ -87,3 +89,16 @@ def cold_root(tmp_path: Path) -> Path:
     root = tmp_path / "cold-node"
     root.mkdir()
     return root
+
+
+# --- the in-process Kubernetes API server (tests/kube, tests/peers) ------------------------
+
+@pytest.fixture
+def kubeapi() -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI(bookmark_interval=BOOKMARK_INTERVAL) as api:
+        yield api
+
+
+@pytest.fixture
+def kubeconfig(kubeapi: FakeKubeAPI, tmp_path: Path) -> str:
+    return str(kubeapi.write_kubeconfig(tmp_path / "kubeconfig"))

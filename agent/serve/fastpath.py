@@ -15,6 +15,7 @@ import asyncio
 import email.utils
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ _NAR_PREFIX = b"/nar/"
 # 100-continue, part of a file): aiohttp answers those.
 _DECLINE = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect",
                       b"range", b"if-range"})
+_UNSAFE = re.compile(rb"[^\t\x20-\x7e]")  # controls and non-ASCII in a header value
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -50,7 +52,7 @@ def _plain_headers(lines: list[bytes]) -> bytes | None:
         if not colon or not name or not _TOKEN.issuperset(name):
             return None  # obs-fold, a space before the colon, no name
         value = value.strip(b" \t")
-        if not value.isascii() or any(c < 0x20 or c == 0x7F for c in value):
+        if _UNSAFE.search(value):
             return None
         name = name.lower()
         if name in _DECLINE:

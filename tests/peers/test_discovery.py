@@ -14,11 +14,10 @@ from agent.peers.membership import Membership, watch_endpoint_slices
 from agent.peers.protocol import PeerToken
 from agent.peers.source import PeerSource
 from agent.upstream.client import Timeouts
-from tests.kube import eventually, kubeapi, kubeconfig
+from tests.kube import eventually
 from tests.support.agent import AgentProcess, free_port
 from tests.support.kubeapi import FakeKubeAPI
 
-__all__ = ["kubeapi", "kubeconfig"]  # fixtures
 NS, SERVICE = "flox-node-cache", "flox-node-cache-peers"
 
 
