@@ -69,9 +69,12 @@ class _Need(Exception):
 
 class NarReader:
     """Incremental NAR parser: `feed(chunk)` yields events as soon as they are complete;
-    `finish()` checks the archive ended exactly at the end of the root node."""
+    `finish()` checks the archive ended exactly at the end of the root node. With
+    `contents=False` file bytes are skipped, not copied, and no Data events are made (a
+    listing needs only the structure)."""
 
-    def __init__(self) -> None:
+    def __init__(self, contents: bool = True) -> None:
+        self._contents_wanted = contents
         self._buf = bytearray()
         self._pos = 0  # absolute offset of _buf[0] in the NAR
         self._done = False
@@ -88,7 +91,13 @@ class NarReader:
         return self._pos
 
     def feed(self, chunk: bytes) -> Iterator[Event]:
-        self._buf += chunk
+        view = memoryview(chunk)
+        if not self._contents_wanted and self._file_left and not self._buf:
+            skipped = min(self._file_left, len(view))  # the bulk of a NAR: never buffered
+            self._file_left -= skipped
+            self._pos += skipped
+            view = view[skipped:]
+        self._buf += view
         while True:
             try:
                 event = self._step()
@@ -157,9 +166,12 @@ class NarReader:
             n = min(self._file_left, len(self._buf))
             if n == 0:
                 raise _Need
-            data = self._take(n)
             self._file_left -= n
-            return Data(self._file_path, data)
+            if not self._contents_wanted:
+                del self._buf[:n]
+                self._pos += n
+                return None
+            return Data(self._file_path, self._take(n))
         pad = self._take(self._file_pad)
         self._file_pad = 0
         if any(pad):
@@ -344,7 +356,7 @@ class ListingReader:
     """Feed a NAR's bytes, get its listing: a NarReader and a Listing together."""
 
     def __init__(self) -> None:
-        self._reader = NarReader()
+        self._reader = NarReader(contents=False)
         self._listing = Listing()
 
     def feed(self, chunk: bytes) -> None:

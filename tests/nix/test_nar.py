@@ -201,3 +201,19 @@ def test_mutated_archives_raise_only_nar_format_error(tree: Any, data: st.DataOb
     cut = data.draw(st.integers(0, len(raw)))
     with contextlib.suppress(NarFormatError):
         nar.list_nar(bytes(raw[:cut]), chunk=data.draw(st.integers(1, 32)))
+
+
+def test_a_listing_skips_file_bytes_without_buffering_them() -> None:
+    """Verification builds a listing of every NAR it checks: a file's bytes pass through
+    uncopied, so memory does not grow with the chunk size or the file."""
+    size = 64 << 20
+    header = _t(b"nix-archive-1", b"(", b"type", b"regular", b"contents") + \
+        struct.pack("<Q", size)
+    reader = nar.ListingReader()
+    reader.feed(header)
+    chunk = b"\x07" * (1 << 20)
+    for _ in range(size // len(chunk)):
+        reader.feed(chunk)
+        assert len(reader._reader._buf) == 0
+    reader.feed(_t(b")"))
+    assert reader.result() == {"type": "regular", "size": size, "narOffset": len(header)}
