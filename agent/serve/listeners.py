@@ -30,7 +30,7 @@ import logging
 import os
 import resource
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -140,31 +140,7 @@ class Listener:
 
         async def tracked(request: web.BaseRequest) -> web.StreamResponse:
             conn = self.open.get(request.protocol)
-            if conn is None:
-                return await handle(request)
-            conn.busy += 1
-            answered = False
-
-            def done(_: object = None) -> None:
-                nonlocal answered
-                if not answered:
-                    answered = True
-                    conn.request_done()
-            # Done once the whole response is written: here for answers (a client that waits
-            # for one may send its next request at once), else when aiohttp's task for the
-            # request ends, after it has answered an error.
-            task = asyncio.current_task()
-            assert task is not None
-            task.add_done_callback(done)
-            try:
-                resp = await handle(request)
-            except web.HTTPException as e:
-                await _written(request, e)
-                done()
-                raise
-            await _written(request, resp)
-            done()
-            return resp
+            return await (handle(request) if conn is None else conn.run_request(request, handle))
 
         # Read by each RequestHandler when it is made, so this sees every request.
         server.request_handler = tracked
@@ -331,6 +307,33 @@ class _Connection(asyncio.Protocol):
             self._expire_at(min(self.expires, deadline), "header_timeout")
         self.handler.data_received(data)
 
+    async def run_request(self, request: web.BaseRequest,
+                          handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]) \
+            -> web.StreamResponse:
+        """Run aiohttp's handler for one request, busy until its response is written: here for
+        answers (a client that waits for one may send its next request at once), else when
+        aiohttp's task for the request ends, after it has answered an error."""
+        self.busy += 1
+        answered = False
+
+        def done(_: object = None) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                self.request_done()
+        task = asyncio.current_task()
+        assert task is not None
+        task.add_done_callback(done)
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            await _written(request, e)
+            done()
+            raise
+        await _written(request, resp)
+        done()
+        return resp
+
     def _answered_here(self, data: bytes) -> bool:
         fast = self.listener.fast
         if fast is None or self.pipelined or not self.writing or self.transport is None:
@@ -383,7 +386,7 @@ class _Connection(asyncio.Protocol):
         self.listener.forget(self)
         self.handler.connection_lost(exc)
 
-    def request_done(self, _: object = None) -> None:
+    def request_done(self) -> None:
         self.busy -= 1
         if not self.busy:
             self.receiving = False
