@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent import metrics
 from agent.flox.floxhub import EnvRef, FloxHub, FloxHubError, RefError, ResolvedEnv
@@ -198,7 +198,8 @@ class Prefetcher:
         return removed
 
     def environments(self) -> list[EnvironmentReport]:
-        return self.store.pins.reports()
+        running = {j.target.name for j in self.jobs.values() if not j.finished}
+        return [replace(r, prefetching=r.ref in running) for r in self.store.pins.reports()]
 
     def resume(self) -> int:
         """After a restart, finish the prefetch of pinned environments that are incomplete."""

@@ -23,16 +23,18 @@ class EnvironmentReport:
     present_bytes: int
     pinned_by: tuple[str, ...]
     updated: float
+    prefetching: bool = False  # a job is walking it: until it ends `paths` may be its roots only
 
     @property
     def complete(self) -> bool:
-        return self.paths_present == self.paths
+        return not self.prefetching and self.paths_present == self.paths
 
     def to_json(self) -> dict[str, object]:
         return {"ref": self.ref, "generation": self.generation, "system": self.system,
                 "paths": self.paths, "paths_present": self.paths_present,
                 "closure_bytes": self.closure_bytes, "present_bytes": self.present_bytes,
-                "complete": self.complete, "pinned_by": list(self.pinned_by),
+                "complete": self.complete, "prefetching": self.prefetching,
+                "pinned_by": list(self.pinned_by),
                 "updated": self.updated}
 
 

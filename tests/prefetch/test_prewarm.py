@@ -5,11 +5,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.flox.lockfile import node_system
+from agent.store.pins import EnvironmentReport
 from tests.support.agent import AgentProcess
 from tests.support.floxmeta import Floxmeta
 from tests.support.gitserver import GitHTTPServer
@@ -247,3 +249,14 @@ def test_an_interrupted_pinned_prefetch_resumes_after_a_restart(
                 pytest.fail(f"the prefetch did not resume: {envs}")
             assert envs[0]["pinned_by"] and envs[0]["paths"] == len(big_path_closure.paths)
             assert slow.count("/nar/*") >= 1  # the missing NAR was fetched by the resumed job
+
+
+def test_an_environment_being_walked_is_not_complete() -> None:
+    """While its job runs an environment's recorded closure may be its roots only (recorded at
+    the start, so a restart can resume): present roots must not read as a complete closure."""
+    report = EnvironmentReport("acme/api", 2, "x86_64-linux", paths=1, paths_present=1,
+                               closure_bytes=10, present_bytes=10, pinned_by=(), updated=0.0)
+    assert report.complete
+    walking = replace(report, prefetching=True)
+    assert not walking.complete
+    assert walking.to_json()["complete"] is False and walking.to_json()["prefetching"] is True
