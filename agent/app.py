@@ -17,8 +17,7 @@ import grp
 import logging
 import os
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +31,12 @@ from agent.config import Config
 from agent.flox.floxhub import FloxHub
 from agent.flox.watch import GenerationWatch
 from agent.kube import health as kube_health
-from agent.logs import new_request_id, request_id
 from agent.node.realiser import NodeRealiser
 from agent.peers.listener import peer_app
 from agent.peers.tier import PeerTier
 from agent.prefetch import Prefetcher
 from agent.readthrough import ReadThrough
-from agent.serve import admin, cache, health, listeners
+from agent.serve import admin, cache, health, listeners, observe
 from agent.serve.fastpath import Hits
 from agent.serve.sendfile import FileSender
 from agent.store import lock
@@ -49,7 +47,6 @@ from agent.upkeep import Upkeep, run_chores
 from agent.upstream.client import Timeouts, Upstream
 
 log = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -165,65 +162,8 @@ async def build(config: Config) -> AsyncIterator[Parts]:
 
 # --- the HTTP applications -------------------------------------------------------------------
 
-def _endpoint_of(resource: web.AbstractResource | None) -> str:
-    path = resource.canonical if resource is not None else ""
-    if path.endswith(".narinfo"):
-        return "narinfo"
-    if path.startswith("/nar/"):
-        return "nar"
-    if path.startswith("/v1/"):
-        return "admin"
-    return path.strip("/") or "other"
-
-
-def observe(listener: str) -> Callable:
-    """Request id, per-request metrics and a debug line. A narinfo hit costs ~100 us in all,
-    so label lookups are cached rather than redone per request."""
-    endpoints: dict[web.AbstractResource | None, str] = {}
-    counters: dict[tuple[str, str, int], Any] = {}
-    timers: dict[str, Any] = {}
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-Id") or new_request_id()
-        token = request_id.set(rid)
-        start = time.monotonic()
-        resource = request.match_info.route.resource
-        endpoint = endpoints.get(resource)
-        if endpoint is None:
-            endpoint = endpoints[resource] = _endpoint_of(resource)
-        code = 500
-        try:
-            resp = await handler(request)
-            code = resp.status
-            if not resp.prepared:
-                resp.headers["X-Request-Id"] = rid
-            return resp
-        except web.HTTPException as e:
-            code = e.status
-            raise
-        finally:
-            elapsed = time.monotonic() - start
-            key = (endpoint, request.method, code)
-            counter = counters.get(key)
-            if counter is None:
-                counter = counters[key] = metrics.HTTP_REQUESTS.labels(
-                    listener, endpoint, request.method, str(code))
-            counter.inc()
-            timer = timers.get(endpoint)
-            if timer is None:
-                timer = timers[endpoint] = metrics.HTTP_DURATION.labels(endpoint)
-            timer.observe(elapsed)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("request", extra={"fields": {
-                    "listener": listener, "method": request.method, "path": request.path,
-                    "status": code, "ms": round(elapsed * 1000, 2)}})
-            request_id.reset(token)
-    return middleware
-
-
 def cache_app(parts: Parts, listener: str, with_admin: bool) -> web.Application:
-    middlewares = [observe(listener), *([admin.json_errors] if with_admin else [])]
+    middlewares = [observe.middleware(listener), *([admin.json_errors] if with_admin else [])]
     app = web.Application(middlewares=middlewares, client_max_size=admin.MAX_BODY)
     app.add_routes(cache.routes(parts.readthrough, parts.sender, parts.store.cache_info))
     app.add_routes(parts.health_routes())
@@ -240,7 +180,7 @@ def metrics_app(parts: Parts) -> web.Application:
         return web.Response(body=body,
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
-    app = web.Application(middlewares=[observe("metrics")])
+    app = web.Application(middlewares=[observe.middleware("metrics")])
     app.add_routes([web.get("/metrics", scrape), *parts.health_routes()])
     return app
 
@@ -251,7 +191,7 @@ def peers_app(parts: Parts, peers: PeerTier) -> web.Application:
     return peer_app(cache.routes(readthrough, parts.sender, parts.store.cache_info,
                                  forwarded=True),
                     peers.token, resolve=functools.partial(readthrough.narinfo, forwarded=True),
-                    has_narinfo=parts.has_narinfo, middlewares=[observe("peer")])
+                    has_narinfo=parts.has_narinfo, middlewares=[observe.middleware("peer")])
 
 
 # --- the process ---------------------------------------------------------------------------

@@ -18,12 +18,11 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from agent import metrics
 from agent.logs import new_request_id
 from agent.nix.storepath import is_hash_part
 from agent.readthrough import NarHandle, ReadThrough
+from agent.serve.observe import Answers
 from agent.serve.sendfile import ClientStalled, FileSender
 from agent.store import access
 from agent.store.layout import is_nar_file
@@ -123,11 +122,13 @@ class NarSend:
             except (OSError, ClientStalled, EOFError) as e:
                 log.info("local nar send aborted", extra={"fields": {
                     "file": handle.row.file, "error": str(e)}})
-                hits.answered("nar", "GET", self._start, self._request_id, 500)
+                hits.answers.record("nar", "GET", 500, self._start, "/" + handle.row.file,
+                                     self._request_id)
                 return
             finally:
                 os.close(fd)
-        hits.answered("nar", "GET", self._start, self._request_id, 200)
+        hits.answers.record("nar", "GET", 200, self._start, "/" + handle.row.file,
+                                 self._request_id)
 
 
 class Hits:
@@ -137,10 +138,8 @@ class Hits:
     def __init__(self, readthrough: ReadThrough, sender: FileSender, listener: str) -> None:
         self._readthrough = readthrough
         self.sender = sender
-        self._listener = listener
+        self.answers = Answers(listener)
         self._date = _Date()
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._timers = {e: metrics.HTTP_DURATION.labels(e) for e in ("narinfo", "nar")}
 
     def answer(self, data: bytes) -> bytes | NarSend | None:
         """For one plain request held here: the whole response of a narinfo, or the NarSend of
@@ -169,7 +168,7 @@ class Hits:
         request_id = request.request_id or new_request_id().encode()
         head = self.head(b"text/x-nix-narinfo", len(body), request_id)
         verb = request.method.decode()
-        self.answered("narinfo", verb, start, request_id, 200)
+        self.answers.record("narinfo", verb, 200, start, request.target.decode(), request_id)
         return head if verb == "HEAD" else head + body
 
     def head(self, content_type: bytes, length: int, request_id: bytes,
@@ -177,20 +176,3 @@ class Hits:
         return (b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s"
                 b"Date: %s\r\nX-Request-Id: %s\r\n\r\n"
                 % (content_type, length, extra, self._date(), request_id))
-
-    def answered(self, endpoint: str, verb: str, start: float, request_id: bytes,
-                 code: int) -> None:
-        """Count an answer as the routes' middleware does (app.observe)."""
-        key = (endpoint, verb, code)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = metrics.HTTP_REQUESTS.labels(
-                self._listener, endpoint, verb, str(code))
-        counter.inc()
-        elapsed = time.monotonic() - start
-        self._timers[endpoint].observe(elapsed)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("request", extra={"fields": {
-                "listener": self._listener, "method": verb, "endpoint": endpoint,
-                "status": code, "ms": round(elapsed * 1000, 2),
-                "request_id": request_id.decode()}})
