@@ -210,11 +210,12 @@ class ReadThrough:
         """A committed NAR or the transfer that is fetching it (started if needed), to be used
         at once as `async with`. Raises UnknownNar when no narinfo names the file,
         Unavailable when its source is gone. `forwarded`: another agent asks."""
-        handle = self.local_nar(file)
-        if handle is not None:
-            return handle
+        # One read of the row: a transfer's commit lands from a worker thread at any moment,
+        # so a second read could find it committed when the first did not.
         row = self.store.nar_row(file)
         if row is not None and row.committed:
+            if self.store.nar_present(file):
+                return self._local_handle(row)
             self.store.lose_nar(file)  # deleted behind our back: a miss from now on
             row = None
         if row is None:
@@ -235,6 +236,9 @@ class ReadThrough:
         row = self.store.nar_row(file)
         if row is None or not row.committed or not self.store.nar_present(file):
             return None
+        return self._local_handle(row)
+
+    def _local_handle(self, row: NarRow) -> "NarHandle":
         self._count("nar", "local")
         return NarHandle(self, row, "local", None, "local")
 

@@ -7,7 +7,7 @@ ordering, coalescing, verification and in-use marks can be checked exactly.
 import asyncio
 import hashlib
 import lzma
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from agent.nix.narinfo import NarInfo
 from agent.nix.signing import SecretKey, add_signature
 from agent.nix.storepath import StorePath
 from agent.readthrough import ReadThrough, Unavailable, UnknownNar
+from agent.store.index import NarRow
 from agent.store.store import Store
 from agent.upstream.client import CircuitBreaker, UpstreamError
 
@@ -192,6 +193,42 @@ async def test_a_miss_says_which_untrusted_keys_signed_it_even_from_the_negative
         found = await rt.narinfo("e" * 32)
         assert found.row is None and found.reason == "signed by an untrusted key: elsewhere-1"
     assert source.narinfo_calls == ["e" * 32]
+
+
+async def test_a_commit_landing_during_a_lookup_neither_loses_the_nar_nor_fetches_it_again(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transfer commits from a worker thread while the event loop reads the index: a lookup
+    that saw the row before the commit and the file after it must still get the one NAR."""
+    info, packed = _entry("h", b"z" * 50_000)
+    source = FakeSource("up", {"h" * 32: (info, packed)})
+    rt = _readthrough(store, source)
+    file = (await rt.narinfo("h" * 32)).row.nar_file
+    held: list[tuple[Callable[..., object], tuple[object, ...], asyncio.Future[object]]] = []
+    run_io, nar_row = store.run_io, store.nar_row
+
+    def hold_the_commit(fn: Callable[..., object], *args: object) -> Awaitable[object]:
+        if getattr(fn, "__name__", "") != "_commit":
+            return run_io(fn, *args)
+        held.append((fn, args, asyncio.get_running_loop().create_future()))
+        return held[-1][2]
+
+    def commit_lands_after_the_read(f: str) -> NarRow | None:
+        row = nar_row(f)
+        if held:
+            fn, args, done = held.pop()
+            done.set_result(fn(*args))
+        return row
+
+    monkeypatch.setattr(store, "run_io", hold_the_commit)
+    first = asyncio.create_task(_read_all(rt, file))
+    async with asyncio.timeout(10):
+        while not held:  # everything verified; the commit is with the "thread"
+            await asyncio.sleep(0.01)
+    monkeypatch.setattr(store, "nar_row", commit_lands_after_the_read)
+    assert await _read_all(rt, file) == packed
+    assert await first == packed
+    assert source.nar_calls == [(info.url, True)]  # one download, nothing lost
+    assert store.nar_present(file) and nar_row(file).committed
 
 
 async def test_a_committed_nar_is_in_use_while_its_handle_is_open(store: Store) -> None:
