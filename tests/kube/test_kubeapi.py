@@ -15,7 +15,7 @@ from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from agent.kube.client import GROUP, PLURAL, VERSION, make_api_client
-from tests.kube import node, pod, prewarm_resource
+from tests.kube import eventually, node, pod, prewarm_resource
 from tests.support.kubeapi import FakeKubeAPI, parse_label_selector
 
 MERGE = "application/merge-patch+json"
@@ -200,10 +200,13 @@ async def test_pages_come_from_a_snapshot_short_pages_and_expiry(
         assert page.metadata.resource_version == rv
         names += [p.metadata.name for p in page.items]
     assert names == ["p0", "p2", "p4"]
-    # resourceVersion=0 is the watch cache: everything at once, current state
+    # resourceVersion=0 is the watch cache: everything at once, current state (p4 is gone
+    # once its grace period ends; the snapshot above kept it)
+    await eventually(lambda: "p4" not in {p["metadata"]["name"] for p in kubeapi.list("Pod")},
+                     what="p4's graceful deletion")
     cached = await core.list_pod_for_all_namespaces(resource_version="0", limit=2)
     assert cached.metadata._continue is None
-    assert [p.metadata.name for p in cached.items] == ["p0", "p1", "p2", "p3", "p4", "p5"]
+    assert [p.metadata.name for p in cached.items] == ["p0", "p1", "p2", "p3", "p5"]
     # an expired continue token is 410
     page = await core.list_pod_for_all_namespaces(limit=2)
     kubeapi.create(pod("p6", "n1", "flox/a"))
