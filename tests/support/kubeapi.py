@@ -857,8 +857,8 @@ class FakeKubeAPI:
         if isinstance(added, ApiError) and self.expired_watch_as_http:
             raise added
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
         if isinstance(added, ApiError):
+            await resp.prepare(request)
             await resp.write(_line({"type": "ERROR", "object": added.status()}))
             await resp.write_eof()
             return resp
@@ -867,7 +867,8 @@ class FakeKubeAPI:
         lifetime = random.uniform(*self.watch_lifetime)
         if q.get("timeoutSeconds"):
             lifetime = min(lifetime, float(q["timeoutSeconds"]))
-        try:
+        try:  # a client gone before the headers are out must not leave its watcher behind
+            await resp.prepare(request)
             async with asyncio.timeout(lifetime):
                 await self._stream(request, resp, watcher, backlog)
         except (TimeoutError, ConnectionError):  # ended by the server, or the client left
