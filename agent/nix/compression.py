@@ -15,10 +15,22 @@ from typing import Protocol
 import zstandard
 
 MAX_STEP_OUTPUT = 1 << 20
+# What one decoder may hold: its window (xz's dictionary, zstd's window). xz -9 needs 65 MiB and
+# zstd up to windowLog 26 (level 22 without --long) 64 MiB; a stream whose header asks for more
+# (xz allows 1.5 GiB, zstd --long=31 2 GiB) is refused instead of allocated.
+DECODER_MEMORY_LIMIT = 80 << 20
 
 
 class UnsupportedCompression(ValueError):
     pass
+
+
+class TooMuchMemory(ValueError):
+    """A stream whose header asks for a window larger than DECODER_MEMORY_LIMIT."""
+
+    def __init__(self, compression: str) -> None:
+        super().__init__(f"{compression} stream needs more than "
+                         f"{DECODER_MEMORY_LIMIT >> 20} MiB to decode")
 
 
 class Decoder(Protocol):
@@ -54,7 +66,12 @@ class _Stdlib:
         while data or not (self._d.eof or self._d.needs_input):
             if self._d.eof:  # another stream follows
                 self._d = self._new()
-            out = self._d.decompress(data, max_length=MAX_STEP_OUTPUT)
+            try:
+                out = self._d.decompress(data, max_length=MAX_STEP_OUTPUT)
+            except lzma.LZMAError as e:
+                if str(e) == "Memory usage limit exceeded":
+                    raise TooMuchMemory("xz") from None
+                raise
             data = self._d.unused_data if self._d.eof else b""
             if out:
                 yield out
@@ -192,7 +209,7 @@ class _Zstd:
     STEP_BLOCKS blocks at a time, and one frame per decompressobj (pzstd writes several)."""
 
     def __init__(self) -> None:
-        self._zstd = zstandard.ZstdDecompressor()
+        self._zstd = zstandard.ZstdDecompressor(max_window_size=DECODER_MEMORY_LIMIT)
         self._walk = _ZstdWalk()
         self._d: zstandard.ZstdDecompressionObj | None = None
 
@@ -214,7 +231,12 @@ class _Zstd:
     def _inflate(self, data: memoryview, frame_end: bool) -> bytes:
         if self._d is None:
             self._d = self._zstd.decompressobj()
-        out = self._d.decompress(data)
+        try:
+            out = self._d.decompress(data)
+        except zstandard.ZstdError as e:
+            if "too much memory" in str(e):
+                raise TooMuchMemory("zstd") from None
+            raise
         if self._d.eof != frame_end:
             raise ValueError("zstd frame ends where its headers do not say")
         if frame_end:
@@ -229,7 +251,7 @@ def decoder(compression: str) -> Decoder:
     if compression == "none":
         return _Identity()
     if compression == "xz":
-        return _Stdlib(lzma.LZMADecompressor)
+        return _Stdlib(lambda: lzma.LZMADecompressor(memlimit=DECODER_MEMORY_LIMIT))
     if compression == "bzip2":
         return _Stdlib(bz2.BZ2Decompressor)
     if compression == "gzip":

@@ -5,10 +5,11 @@ decompression are CPU work) and calls `finish()` before trusting any of them.
 """
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent.nix.compression import UnsupportedCompression, decoder
+from agent.nix.compression import TooMuchMemory, UnsupportedCompression, decoder
 from agent.nix.hashes import Hash
 from agent.nix.nar import ListingReader, NarFormatError
 from agent.nix.narinfo import NarInfo
@@ -59,11 +60,17 @@ class NarVerifier:
         if self.info.file_size is not None and self.file_size > self.info.file_size:
             raise VerificationError("file_size", f"more than FileSize {self.info.file_size} bytes")
         self._file_hasher.update(chunk)
+        self._inflate(self._decoder.feed(chunk))
+
+    def _inflate(self, outputs: Iterator[bytes]) -> None:
+        """Count, hash and list what the decoder gives; its failures are verification errors."""
         try:
-            for out in self._decoder.feed(chunk):
+            for out in outputs:
                 self._nar(out)
         except VerificationError:
             raise
+        except TooMuchMemory as e:
+            raise VerificationError("decompress", str(e)) from None
         except Exception as e:  # every codec raises its own error type on corrupt input
             raise VerificationError("decompress", f"corrupt {self.info.compression} data: {e}")\
                 from None
@@ -81,13 +88,7 @@ class NarVerifier:
 
     def finish(self) -> None:
         info = self.info
-        try:
-            for out in self._decoder.finish():
-                self._nar(out)
-        except VerificationError:
-            raise
-        except Exception as e:
-            raise VerificationError("decompress", f"corrupt {info.compression} data: {e}") from None
+        self._inflate(self._decoder.finish())
         if info.file_size is not None and self.file_size != info.file_size:
             raise VerificationError(
                 "file_size", f"got {self.file_size} bytes, FileSize is {info.file_size}")

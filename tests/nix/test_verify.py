@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import itertools
 import lzma
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.nix import narinfo
-from agent.nix.compression import MAX_STEP_OUTPUT, Decoder, decoder
+from agent.nix.compression import DECODER_MEMORY_LIMIT, MAX_STEP_OUTPUT, Decoder, decoder
+from agent.nix.hashes import Hash
 from agent.nix.narinfo import NarInfo
 from agent.nix.verify import Expected, NarVerifier, VerificationError
 from tests.support.nixenv import Closure, hash_part, publish
@@ -177,3 +179,47 @@ def test_an_uncompressed_chunk_comes_out_in_bounded_pieces() -> None:
     pieces = list(_decode(decoder("none"), [data]))
     assert max(map(len, pieces)) <= MAX_STEP_OUTPUT and b"".join(pieces) == data
 
+
+
+def _xz_declaring(dict_size_props: int, data: bytes) -> bytes:
+    """An xz stream of `data` whose block header declares another LZMA2 dictionary size
+    (the props byte: 2 or 3 << (props // 2 + 11) bytes), its header CRC32 fixed up."""
+    packed = bytearray(lzma.compress(data, filters=[{"id": lzma.FILTER_LZMA2,
+                                                     "dict_size": 1 << 20}]))
+    header = 12  # after the stream header: size byte, flags, filter id 0x21, props size 1
+    assert packed[header:header + 5] == bytes([2, 0, 0x21, 1, 16])
+    packed[header + 4] = dict_size_props
+    packed[header + 8:header + 12] = zlib.crc32(packed[header:header + 8]).to_bytes(4, "little")
+    return bytes(packed)
+
+
+def _zstd_declaring(window_log: int, data: bytes) -> bytes:
+    """A zstd frame of `data` whose Window_Descriptor declares 2**window_log bytes."""
+    packed = bytearray(zstandard.ZstdCompressor(write_content_size=False).compress(data))
+    assert packed[4] == 0  # frame header descriptor: not single-segment, so a window byte
+    packed[5] = (window_log - 10) << 3
+    return bytes(packed)
+
+
+@pytest.mark.parametrize(("comp", "packed", "fits"), [
+    ("xz", _xz_declaring(28, b"nar" * 1000), True),    # 64 MiB: xz -9
+    ("xz", _xz_declaring(30, b"nar" * 1000), False),   # 128 MiB
+    ("xz", _xz_declaring(40, b"nar" * 1000), False),   # 4 GiB - 1: the format's largest
+    ("zstd", _zstd_declaring(26, b"nar" * 1000), True),
+    ("zstd", _zstd_declaring(31, b"nar" * 1000), False),
+])
+def test_a_window_beyond_the_decoder_limit_is_refused_not_allocated(
+        comp: str, packed: bytes, fits: bool) -> None:
+    nar = b"nar" * 1000
+    info = Expected(comp, Hash("sha256", hashlib.sha256(nar).digest()), len(nar))
+    v = NarVerifier(info)
+    if fits:
+        v.update(packed)
+        v.finish()
+        return
+    with pytest.raises(VerificationError) as e:
+        v.update(packed)
+        v.finish()
+    assert e.value.reason == "decompress"
+    assert str(e.value) == f"{comp} stream needs more than {DECODER_MEMORY_LIMIT >> 20} MiB " \
+        "to decode"
