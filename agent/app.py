@@ -121,6 +121,7 @@ async def build(config: Config) -> AsyncIterator[Parts]:
             store, [*([peers.source] if peers else []), *upstreams], list(config.public_keys),
             require_signatures=config.require_signatures, signing_key=config.signing_key,
             negative_ttl=config.negative_ttl, recompress_level=config.recompress_level,
+            upstream_downloads=config.upstream_downloads,
             on_committed=recompressor.submit if recompressor else lambda file: None)
         stack.push_async_callback(readthrough.aclose)
         sender = FileSender(config.client_stall_timeout)

@@ -89,6 +89,7 @@ class ReadThrough:
     def __init__(self, store: Store, sources: list[Source], keys: list[PublicKey], *,
                  require_signatures: bool = True, signing_key: SecretKey | None = None,
                  negative_ttl: float = 30.0, recompress_level: int = 3,
+                 upstream_downloads: int = 16,
                  on_committed: Callable[[str], None] = lambda file: None) -> None:
         self.store = store
         self.sources = sources
@@ -102,6 +103,10 @@ class ReadThrough:
         # (hash, whether the fetch relays to another agent) -> the fetch in flight
         self._narinfo_inflight: dict[tuple[str, bool], asyncio.Future[Lookup]] = {}
         self._transfers: dict[str, Transfer] = {}
+        # Turns for NAR downloads from upstreams: each holds a decoder (its window is most of
+        # the agent's memory under load). Peer downloads take none: they may wait on another
+        # agent, whose own downloads could be waiting for a turn here.
+        self._upstream_turns = asyncio.Semaphore(upstream_downloads)
         self._in_use: Counter[str] = Counter()
         self._counters: dict[tuple[str, str], metrics.Counter] = {}
 
@@ -304,7 +309,8 @@ class ReadThrough:
         transfer = Transfer(self.store, row.file, row.expected(),
                             lambda: source.nar(url, relay=not forwarded), source.name,
                             self._on_committed, verified_only=not source.stream_unverified,
-                            on_rejected=refused)
+                            on_rejected=refused,
+                            turn=self._upstream_turns if source.kind == "upstream" else None)
         self._transfers[row.file] = transfer
         transfer.task.add_done_callback(lambda _: self._transfers.pop(row.file, None))
         return transfer, False

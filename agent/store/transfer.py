@@ -8,6 +8,7 @@ the store only through the narrow `TransferStore` port.
 """
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -53,10 +54,11 @@ class TransferStore(Protocol):
 class Transfer:
     def __init__(self, store: TransferStore, file: str, expected: Expected, opener: NarOpener,
                  source: str, on_committed: Callable[[str], None], *,
-                 verified_only: bool = False, on_rejected: OnRejected | None = None) -> None:
+                 verified_only: bool = False, on_rejected: OnRejected | None = None,
+                 turn: asyncio.Semaphore | None = None) -> None:
         """`verified_only`: clients read nothing before the whole file is verified (a source
         not trusted to stream, a peer); `on_rejected` runs after a verification failure,
-        before the clients are told."""
+        before the clients are told; `turn`: held from opening the source to the commit."""
         self.store = store
         self.file = file
         self.expected = expected
@@ -77,6 +79,7 @@ class Transfer:
         self._fd: int | None = None
         self._tmp: Path | None = None
         self._readers = 0
+        self._turn = turn or contextlib.nullcontext()
         self.task = asyncio.ensure_future(self._run())
 
     def _notify(self) -> None:
@@ -84,31 +87,11 @@ class Transfer:
         event.set()
 
     async def _run(self) -> None:
-        verifier = NarVerifier(self.expected, listing=True)
         start = time.monotonic()
         fields = {"source": self.source, "file": self.file}
         try:
-            try:
-                self._fd, self._tmp = self.store.new_temp()
-            except OSError as e:
-                self._store_failed(e)
-                raise StoreFull(f"cannot create a temporary file: {e.strerror}") from None
-            async with self._open() as chunks:
-                async for chunk in chunks:
-                    self.received += len(chunk)
-                    await self.store.run_io(self._absorb, verifier, chunk)
-                    if self.store_error:
-                        raise StoreFull(f"store write failed: {self.store_error.strerror}")
-                    if not self._verified_only:
-                        self.visible = self.written - len(chunk)
-                    self._notify()
-            await self.store.run_io(verifier.finish)
-            try:
-                await self.store.run_io(self._commit, verifier)
-            except StoreFull as e:  # verified, so every reader gets it; it is not kept
-                self.uncached = e
-            else:
-                self._on_committed(self.file)
+            async with self._turn:
+                await self._download()
             self.visible = self.written
             log.info("nar fetched", extra={"fields": {
                 **fields, "bytes": self.received, "cached": self.uncached is None,
@@ -133,6 +116,31 @@ class Transfer:
                 self._tmp.unlink(missing_ok=True)
             self._release()
             self._notify()
+
+    async def _download(self) -> None:
+        """Fetch, verify and commit (or keep uncached when the store has no room)."""
+        try:
+            self._fd, self._tmp = self.store.new_temp()
+        except OSError as e:
+            self._store_failed(e)
+            raise StoreFull(f"cannot create a temporary file: {e.strerror}") from None
+        verifier = NarVerifier(self.expected, listing=True)
+        async with self._open() as chunks:
+            async for chunk in chunks:
+                self.received += len(chunk)
+                await self.store.run_io(self._absorb, verifier, chunk)
+                if self.store_error:
+                    raise StoreFull(f"store write failed: {self.store_error.strerror}")
+                if not self._verified_only:
+                    self.visible = self.written - len(chunk)
+                self._notify()
+        await self.store.run_io(verifier.finish)
+        try:
+            await self.store.run_io(self._commit, verifier)
+        except StoreFull as e:  # verified, so every reader gets it; it is not kept
+            self.uncached = e
+        else:
+            self._on_committed(self.file)
 
     def _absorb(self, verifier: NarVerifier, chunk: bytes) -> None:
         """Verify-as-you-go and append to the temporary file (in a worker thread)."""

@@ -231,6 +231,28 @@ async def test_a_commit_landing_during_a_lookup_neither_loses_the_nar_nor_fetche
     assert store.nar_present(file) and nar_row(file).committed
 
 
+async def test_upstream_downloads_wait_for_a_turn_and_peer_downloads_take_none(
+        store: Store) -> None:
+    gate = asyncio.Event()
+    entries = {c * 32: _entry(c, c.encode() * 20_000) for c in "jklmn"}
+    upstream = FakeSource("up", dict(entries), gate=gate)
+    peers = FakeSource("peers", dict(entries), gate=gate, relays=True)
+    for sources, asked in (([upstream], upstream), ([peers], peers)):
+        rt = _readthrough(Store(store.layout.root.parent / asked.name), *sources,
+                          upstream_downloads=2)
+        files = [(await rt.narinfo(h)).row.nar_file for h in entries]
+        readers = [asyncio.create_task(_read_all(rt, f)) for f in files]
+        await asyncio.sleep(0.1)
+        # two open at the upstream, the others wait (no temporary file yet); peers: all five
+        assert len(asked.nar_calls) == (2 if asked is upstream else 5)
+        assert rt.busy() == set(files)  # waiting downloads are in flight all the same
+        gate.set()
+        assert await asyncio.gather(*readers) == [packed for _, packed in entries.values()]
+        assert len(asked.nar_calls) == 5
+        gate.clear()
+        rt.store.close()
+
+
 async def test_a_committed_nar_is_in_use_while_its_handle_is_open(store: Store) -> None:
     info, packed = _entry("g", b"y" * 1000)
     rt = _readthrough(store, FakeSource("up", {"g" * 32: (info, packed)}))
