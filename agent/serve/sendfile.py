@@ -128,8 +128,9 @@ def abort(transport: asyncio.BaseTransport) -> None:
     that the kernel drops what is still queued instead of holding it (and its memory) until a
     stalled client reads it."""
     sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError, AttributeError):
+    if sock is not None and not transport.is_closing():
+        # (ValueError: uvloop's socket object once the transport has let its descriptor go)
+        with contextlib.suppress(OSError, AttributeError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
 
