@@ -34,7 +34,7 @@ from agent.nix.signing import PublicKey, SecretKey, add_signature, signature_pro
 from agent.store.index import NarInfoRow, NarRow
 from agent.store.recompress import in_encoding
 from agent.store.store import Store
-from agent.store.transfer import NarOpener, StoreFull, Transfer, passthrough
+from agent.store.transfer import NarOpener, Span, StoreFull, Transfer, passthrough, read_pieces
 from agent.upstream.client import CircuitBreaker, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -375,13 +375,17 @@ class NarHandle:
             return None
         return self._owner.store.nar_path(self.row.file)
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The bytes of a live transfer (or an uncached stream) as they arrive and are
-        verified."""
+    def pieces(self) -> AsyncIterator[Span | bytes]:
+        """A live transfer (or an uncached stream) as it arrives and is verified: spans of
+        its file, to send from there, or bytes."""
         if self._uncached is not None:
             return passthrough(self._owner.store, self.row.expected(), self._uncached)
         assert self.transfer is not None
-        return self.transfer.stream()
+        return self.transfer.pieces()
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """`pieces` as bytes."""
+        return read_pieces(self._owner.store, self.pieces())
 
     async def __aenter__(self) -> "NarHandle":
         self._owner._acquire(self.row.file)

@@ -15,6 +15,7 @@ from agent.nix.storepath import is_hash_part
 from agent.readthrough import NarHandle, ReadThrough, Unavailable, UnknownNar
 from agent.serve.sendfile import ClientStalled, FileSender, abort, write_or_stall
 from agent.store.layout import is_nar_file
+from agent.store.transfer import Span
 
 log = logging.getLogger(__name__)
 NARINFO_TYPE = "text/x-nix-narinfo"
@@ -65,7 +66,7 @@ def routes(readthrough: ReadThrough, sender: FileSender, cache_info: Callable[[]
                 return await _send_committed(request, sender, handle, handle.path)
             if request.method == "HEAD":
                 return web.Response(headers=_nar_headers(handle.size))
-            return await _stream(request, handle, sender.stall_timeout)
+            return await _stream(request, handle, sender)
 
     return [
         web.get("/nix-cache-info", nix_cache_info),
@@ -100,14 +101,19 @@ async def _send_committed(request: web.Request, sender: FileSender, handle: NarH
     return resp
 
 
-async def _stream(request: web.Request, handle: NarHandle, stall_timeout: float) \
+async def _stream(request: web.Request, handle: NarHandle, sender: FileSender) \
         -> web.StreamResponse:
+    """A live transfer: its file's spans go out zero-copy as they are verified."""
     resp = web.StreamResponse(headers=_nar_headers(handle.size))
     await resp.prepare(request)
     try:
-        async for chunk in handle.chunks():
-            await write_or_stall(resp, chunk, stall_timeout)
-            handle.served += len(chunk)
+        async for piece in handle.pieces():
+            if isinstance(piece, Span):
+                await _send_span(request, sender, piece)
+                handle.served += piece.count
+            else:
+                await write_or_stall(resp, piece, sender.stall_timeout)
+                handle.served += len(piece)
     except Exception as e:  # source error, verification failure, store full, stalled client
         # Headers are out: the only honest signal left is a broken connection.
         log.warning("nar stream aborted", extra={"fields": {
@@ -117,3 +123,9 @@ async def _stream(request: web.Request, handle: NarHandle, stall_timeout: float)
         raise web.HTTPInternalServerError() from None
     await resp.write_eof()
     return resp
+
+
+async def _send_span(request: web.Request, sender: FileSender, span: Span) -> None:
+    if request.transport is None:
+        raise ConnectionResetError("client went away")
+    await sender.send_body(request.transport, span.fd, span.offset, span.count)

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -183,17 +184,18 @@ class Transfer:
             raise self.error or self.uncached  # type: ignore[misc]
         return self.received
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """The NAR's bytes for one client, as they arrive; raises if the transfer fails."""
+    async def pieces(self) -> AsyncIterator["Span | bytes"]:
+        """The NAR for one client, as it arrives: spans of the file being written (the client
+        sends them from the file, with no copy in memory), or, once the store failed to write
+        it, bytes of the client's own uncached stream. Raises if the transfer fails."""
         pos = 0
-        self._readers += 1
+        self._readers += 1  # the file's descriptor stays open for the spans handed out
         try:
             while True:
                 if pos < self.visible and self._fd is not None:
-                    n = min(self.visible - pos, CHUNK)
-                    data = await self.store.run_io(os.pread, self._fd, n, pos)
-                    pos += len(data)
-                    yield data
+                    span = Span(self._fd, pos, self.visible - pos)
+                    pos = self.visible
+                    yield span
                 elif self.store_error is not None:
                     # The store cannot hold it: this client gets its own uncached stream.
                     async for data in passthrough(self.store, self.expected, self._open,
@@ -209,6 +211,28 @@ class Transfer:
         finally:
             self._readers -= 1
             self._release()
+
+
+@dataclass(frozen=True)
+class Span:
+    """`count` verified bytes of a transfer's file from `offset`, readable at `fd` while the
+    reader's iteration of `Transfer.pieces` is open."""
+
+    fd: int
+    offset: int
+    count: int
+
+
+async def read_pieces(store: TransferStore, pieces: AsyncIterator[Span | bytes]) \
+        -> AsyncIterator[bytes]:
+    """The bytes of `pieces`, spans read in steps of CHUNK (for consumers that need bytes)."""
+    async for piece in pieces:
+        if isinstance(piece, bytes):
+            yield piece
+            continue
+        end = piece.offset + piece.count
+        for at in range(piece.offset, end, CHUNK):
+            yield await store.run_io(os.pread, piece.fd, min(CHUNK, end - at), at)
 
 
 async def passthrough(store: TransferStore, expected: Expected, opener: NarOpener,
