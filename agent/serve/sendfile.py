@@ -3,14 +3,15 @@
 uvloop does not implement `loop.sendfile`, so aiohttp's FileResponse falls back to reading
 chunks into Python and writing them through the event loop: two copies per byte and buffers per
 client. Here the headers go out through aiohttp, then `os.sendfile` copies from the file to the
-connection's non-blocking socket: one bounded step in the event loop itself (most store paths
-fit in it, and a thread hand-off costs more CPU than such a copy), the rest in worker threads as
-long as the socket has room, while the event loop waits (add_writer, no thread) for the client
-to read more: the event loop never sees those bytes, and a client that stops reading holds no
-thread; after `stall_timeout` seconds without progress its
-transfer is dropped. The transport's own buffer is empty before sending starts and nothing else
-writes to the connection until it ends (HTTP/1.1 answers one request at a time); the sends use
-their own duplicate of the socket descriptor (see below).
+connection's non-blocking socket, in steps. As in nginx, a step runs in the event loop itself
+when the file's pages are in memory (a probe that fails rather than wait for the disk says so):
+a hand-off to a thread costs more CPU than such a copy. A step whose pages are not in memory
+runs in a worker thread, so the event loop never waits for the disk. Between steps the event
+loop waits (add_writer, no thread) for the client to read more: the event loop never sees the
+bytes, and a client that stops reading holds no thread; after `stall_timeout` seconds without
+progress its transfer is dropped. The transport's own buffer is empty before sending starts and
+nothing else writes to the connection until it ends (HTTP/1.1 answers one request at a time);
+the sends use their own duplicate of the socket descriptor (see below).
 """
 
 import asyncio
@@ -31,13 +32,14 @@ from agent.store import access
 # loop, so clients that stop reading hold no thread.
 SEND_THREADS = 32
 MAX_STEP = 16 << 20
-# The first step, in the event loop: pages not yet in memory delay the loop by one read this
-# size at most (as in nginx, whose sendfile runs in its event loop).
-INLINE_STEP = 256 << 10
+# A step in the event loop; between steps other connections get their turn (nginx's
+# sendfile_max_chunk is 2 MiB).
+LOOP_STEP = 1 << 20
 # A client that keeps up makes room within this; the thread waits that long rather than hand
 # back to the event loop on every drained buffer. Longer waits happen in the loop, threadless.
 BRIEF_WAIT_MS = 20
 SEND_BUFFER = 4 << 20
+_PROBE = bytearray(1)  # written only by the event loop's thread
 
 
 class ClientStalled(Exception):
@@ -80,10 +82,20 @@ def _widen_send_buffer(sock: socket.socket) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
 
-def _send_now(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-    """One os.sendfile of at most INLINE_STEP bytes, as much as the socket takes right now."""
+def _in_memory(fd: int, offset: int) -> bool:
+    """Whether the page of `fd` holding `offset` is in the page cache: a one-byte read that
+    fails instead of waiting for the disk. (Files are read whole when they are committed and
+    evicted whole, so one page stands for a step; a wrong guess costs one step's disk read.)"""
     try:
-        n = os.sendfile(sock_fd, file_fd, offset, min(count, INLINE_STEP))
+        return os.preadv(fd, [_PROBE], offset, os.RWF_NOWAIT) == 1
+    except OSError:  # EAGAIN: on disk; EOPNOTSUPP: a filesystem that cannot say
+        return False
+
+
+def _send_step(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """One os.sendfile of at most LOOP_STEP bytes, as much as the socket takes right now."""
+    try:
+        n = os.sendfile(sock_fd, file_fd, offset, min(count, LOOP_STEP))
     except BlockingIOError:
         return 0
     if n == 0:
@@ -155,23 +167,35 @@ async def write_or_stall(resp: web.StreamResponse, data: bytes, timeout: float) 
         raise _stalled(timeout) from None
 
 
-async def _send_rest(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset: int,
-                     count: int, stall_timeout: float) -> None:
-    """Send `count` bytes from `offset` in worker threads, waiting for room in the loop."""
+async def _send_in_thread(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset: int,
+                          count: int) -> int:
+    """_send_available in a worker thread; the bytes it sent."""
+    sending = asyncio.get_running_loop().run_in_executor(
+        pool, _send_available, sock_fd, file_fd, offset, count)
+    try:
+        return await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        # The caller closes both descriptors next; a number closed under a running send could
+        # be reused at once by another file or connection.
+        await asyncio.wait([sending])
+        if not sending.cancelled():
+            sending.exception()  # retrieved: the client is gone, so is any error's point
+        raise
+
+
+async def _send_steps(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset: int,
+                      count: int, stall_timeout: float) -> None:
+    """Send `count` bytes from `offset`: steps whose pages are in memory in the event loop,
+    the others in worker threads; waiting for room in the loop."""
     loop = asyncio.get_running_loop()
     sent = 0
     while sent < count:
-        sending = loop.run_in_executor(pool, _send_available, sock_fd, file_fd,
-                                       offset + sent, count - sent)
-        try:
-            sent += await asyncio.shield(sending)
-        except asyncio.CancelledError:
-            # The caller closes both descriptors next; a number closed under a running send
-            # could be reused at once by another file or connection.
-            await asyncio.wait([sending])
-            if not sending.cancelled():
-                sending.exception()  # retrieved: the client is gone, so is any error's point
-            raise
+        at, left = offset + sent, count - sent
+        if _in_memory(file_fd, at + min(left, LOOP_STEP) - 1):
+            n = _send_step(sock_fd, file_fd, at, left)
+        else:
+            n = await _send_in_thread(pool, sock_fd, file_fd, at, left)
+        sent += n
         if sent < count:
             await _writable(loop, sock_fd, stall_timeout)
 
@@ -198,13 +222,13 @@ class FileSender:
         finally:
             os.close(fd)
 
-    async def _send_rest(self, sock: socket.socket, fd: int, offset: int, count: int) -> None:
-        # The threads write to a duplicate of the socket: if the client goes away and the
-        # transport closes its descriptor, the number may be reused by a new connection at
-        # once, and bytes must never land there.
+    async def _send_dup(self, sock: socket.socket, fd: int, offset: int, count: int) -> None:
+        # The sends write to a duplicate of the socket: if the client goes away and the
+        # transport closes its descriptor (during a wait, or under a thread), the number may be
+        # reused by a new connection at once, and bytes must never land there.
         sock_fd = os.dup(sock.fileno())
         try:
-            await _send_rest(self._send_pool, sock_fd, fd, offset, count, self.stall_timeout)
+            await _send_steps(self._send_pool, sock_fd, fd, offset, count, self.stall_timeout)
         finally:
             os.close(sock_fd)
 
@@ -221,9 +245,7 @@ class FileSender:
             if transport.is_closing():  # its descriptor's number may belong to another now
                 raise ConnectionResetError("client went away")
             _widen_send_buffer(sock)
-            sent = _send_now(sock.fileno(), fd, offset, count)  # no await since the check
-            if sent < count:
-                await self._send_rest(sock, fd, offset + sent, count - sent)
+            await self._send_dup(sock, fd, offset, count)
         except (OSError, ClientStalled, EOFError):
             abort(transport)
             raise
