@@ -241,7 +241,7 @@ class Prefetcher:
             roots = [StorePath.parse(r).hash_part if r.startswith("/") else r for r in full]
             # Known from the start, so a restart can resume an interrupted prefetch.
             self.store.pins.record_environment(job.target.name, job.generation, job.system,
-                                               roots)
+                                               roots, walked=False)
             closure = await self._walk_and_fetch(job, roots, _paths_by_hash(full))
             self._record(job, closure, pin=not job.progress.failures)
             if job.progress.failures:
@@ -360,7 +360,9 @@ class Prefetcher:
         return order
 
     def _record(self, job: Job, closure: list[str], *, pin: bool) -> None:
-        self.store.pins.record_environment(job.target.name, job.generation, job.system, closure)
+        # A failed path's references are unknown: the closure is whole only without failures.
+        self.store.pins.record_environment(job.target.name, job.generation, job.system, closure,
+                                           walked=not job.progress.failures)
         for holder in job.pins if pin else ():
             self.store.pins.replace(holder, closure)
         self.store.update_gauges()

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS environments (
     system TEXT,
     closure TEXT NOT NULL,          -- JSON list of hash parts
     closure_bytes INTEGER NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    walked INTEGER NOT NULL DEFAULT 0  -- 1: closure is the whole walked closure, not its roots
 );
 """
 
@@ -99,6 +100,7 @@ class EnvironmentRow:
     closure: tuple[str, ...]
     closure_bytes: int
     updated: float
+    walked: bool  # closure is the whole closure (a finished walk), not only its roots
 
 
 def _locked(method):  # type: ignore[no-untyped-def]
@@ -128,6 +130,9 @@ class Index:
             self.db.execute("PRAGMA foreign_keys=OFF")
             self.db.executescript(SCHEMA)
             _migrate(self.db)
+        # A store opened read-only before its migration to version 2 has no walked column.
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(environments)")}
+        self._walked = "walked" if "walked" in columns else "0"
         # Committed narinfos by hash and committed NARs by file: a hit is served without a
         # query (a NAR row costs ~40 us to read and parse). Every method that rewrites or
         # removes a committed row drops its entry.
@@ -458,15 +463,16 @@ class Index:
     def save_environment(self, env: EnvironmentRow) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO environments (ref, generation, system, closure, "
-            "closure_bytes, updated) VALUES (?,?,?,?,?,?)",
+            "closure_bytes, updated, walked) VALUES (?,?,?,?,?,?,?)",
             (env.ref, env.generation, env.system, json.dumps(list(env.closure)),
-             env.closure_bytes, env.updated))
+             env.closure_bytes, env.updated, int(env.walked)))
 
     @_locked
     def environments(self) -> list[EnvironmentRow]:
-        return [EnvironmentRow(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5])
-                for r in self.db.execute("SELECT ref, generation, system, closure, "
-                                         "closure_bytes, updated FROM environments ORDER BY ref")]
+        return [EnvironmentRow(r[0], r[1], r[2], tuple(json.loads(r[3])), r[4], r[5], bool(r[6]))
+                for r in self.db.execute("SELECT ref, generation, system, closure, closure_bytes, "
+                                         f"updated, {self._walked} FROM environments "
+                                         "ORDER BY ref")]
 
     # --- eviction --------------------------------------------------------------------------
 
@@ -515,9 +521,19 @@ def _narinfo_row(r: tuple) -> NarInfoRow:
 
 def _migrate(db: sqlite3.Connection) -> None:
     """Version 1 keeps a narinfo's file fields only in its NAR's row: re-encoding and commits
-    never rewrite narinfo text."""
-    if db.execute("PRAGMA user_version").fetchone()[0] >= 1:
-        return
+    never rewrite narinfo text. Version 2 records whether an environment's closure was walked
+    (environments of older stores read as not walked: a restart walks them once more)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version < 1:
+        _migrate_to_1(db)
+    if version < 2:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(environments)")}
+        if "walked" not in columns:
+            db.execute("ALTER TABLE environments ADD COLUMN walked INTEGER NOT NULL DEFAULT 0")
+        db.execute("PRAGMA user_version = 2")
+
+
+def _migrate_to_1(db: sqlite3.Connection) -> None:
     drop = ("StorePath:", "URL:", "Compression:", "FileHash:", "FileSize:")
     rows = db.execute("SELECT hash, text FROM narinfos").fetchall()
     db.execute("BEGIN IMMEDIATE")

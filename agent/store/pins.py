@@ -23,11 +23,12 @@ class EnvironmentReport:
     present_bytes: int
     pinned_by: tuple[str, ...]
     updated: float
+    walked: bool  # `paths` counts the whole closure, not only the roots of an unfinished walk
     prefetching: bool = False  # a job is walking it: until it ends `paths` may be its roots only
 
     @property
     def complete(self) -> bool:
-        return not self.prefetching and self.paths_present == self.paths
+        return self.walked and not self.prefetching and self.paths_present == self.paths
 
     def to_json(self) -> dict[str, object]:
         return {"ref": self.ref, "generation": self.generation, "system": self.system,
@@ -68,11 +69,13 @@ class Pins:
     # --- environments ----------------------------------------------------------------------
 
     def record_environment(self, ref: str, generation: int | None, system: str | None,
-                           closure: Iterable[str]) -> None:
+                           closure: Iterable[str], *, walked: bool) -> None:
+        """`walked`: `closure` is the whole closure (a walk that ended without failures), not
+        only its roots."""
         paths = tuple(closure)
         total, _ = self._index.closure_bytes(paths)
         self._index.save_environment(EnvironmentRow(ref, generation, system, paths, total,
-                                                    time.time()))
+                                                    time.time(), walked))
 
     def environments(self) -> list[EnvironmentRow]:
         return self._index.environments()
@@ -85,7 +88,7 @@ class Pins:
         return self._index.holders_of(env.closure[:1])
 
     def is_complete(self, env: EnvironmentRow) -> bool:
-        return len(self._index.present(env.closure)) == len(env.closure)
+        return env.walked and len(self._index.present(env.closure)) == len(env.closure)
 
     def reports(self) -> list[EnvironmentReport]:
         out = []
@@ -94,5 +97,6 @@ class Pins:
             total, done = self._index.closure_bytes(env.closure)
             out.append(EnvironmentReport(
                 env.ref, env.generation, env.system, len(env.closure), len(present), total,
-                done, tuple(sorted(self.holders_of_environment(env))), env.updated))
+                done, tuple(sorted(self.holders_of_environment(env))), env.updated,
+                env.walked))
         return out

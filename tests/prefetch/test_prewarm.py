@@ -251,12 +251,48 @@ def test_an_interrupted_pinned_prefetch_resumes_after_a_restart(
             assert slow.count("/nar/*") >= 1  # the missing NAR was fetched by the resumed job
 
 
+def test_a_prefetch_killed_after_its_roots_resumes_the_rest_of_the_closure(
+        tmp_path: Path, nix_workdir: Path, signing_key: tuple[Path, str]) -> None:
+    """Killed once the small root is in and its large reference is on its way: the restart
+    must not take the root (all that was recorded before the walk) for the whole closure."""
+    closure = build_closure(nix_workdir, "root-then-big", [2_000, 4_000_000])
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    publish(closure.roots, cache, signing_key[0], "none")
+    with UpstreamServer(cache, bandwidth=1_000_000) as slow:
+        agent = AgentProcess(tmp_path / "a", [slow.url], [signing_key[1]], store=store).start()
+        body = json.dumps({"store_paths": closure.roots, "pin": True})
+        subprocess.run(["curl", "-s", "--unix-socket", str(agent.socket), "-X", "POST",
+                        "http://agent/v1/prewarm", "-d", body], check=True, capture_output=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (
+                any((store / "nar").glob("*.nar*")) and any((store / ".tmp").iterdir())):
+            time.sleep(0.02)
+        agent.kill9()  # the root committed, the 4 MB reference half way
+
+        with AgentProcess(tmp_path / "b", [slow.url], [signing_key[1]], store=store) as again:
+            envs = json.loads(cli(again, "status", "--json").stdout)["environments"]
+            assert envs and not envs[0]["complete"]  # right after the restart
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                envs = json.loads(cli(again, "status", "--json").stdout)["environments"]
+                if envs and envs[0]["complete"]:
+                    break
+                time.sleep(0.3)
+            else:
+                pytest.fail(f"the prefetch did not resume: {envs}")
+            assert envs[0]["paths"] == envs[0]["paths_present"] == len(closure.paths) == 2
+            assert envs[0]["pinned_by"]
+
+
 def test_an_environment_being_walked_is_not_complete() -> None:
     """While its job runs an environment's recorded closure may be its roots only (recorded at
     the start, so a restart can resume): present roots must not read as a complete closure."""
     report = EnvironmentReport("acme/api", 2, "x86_64-linux", paths=1, paths_present=1,
-                               closure_bytes=10, present_bytes=10, pinned_by=(), updated=0.0)
+                               closure_bytes=10, present_bytes=10, pinned_by=(), updated=0.0,
+                               walked=True)
     assert report.complete
     walking = replace(report, prefetching=True)
     assert not walking.complete
     assert walking.to_json()["complete"] is False and walking.to_json()["prefetching"] is True
+    # and after a restart, with no job running, a walk that never ended is not complete either
+    assert not replace(report, walked=False).complete

@@ -1,6 +1,7 @@
 """The SQLite index on its own: pending rows, the narinfo cache, stale pending cleanup."""
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from agent.nix.hashes import Hash
@@ -122,3 +123,31 @@ def test_eviction_order_needs_no_write_and_counts_unflushed_uses(tmp_path: Path)
     index.touch(hash_part=_rows(5)[1].hash)  # the older entry was just used
     index.db.execute("PRAGMA query_only = ON")  # any write now fails, as on a full disk
     assert [n.file for n in index.eviction_candidates()] == [_rows(6)[0].file, _rows(5)[0].file]
+
+
+def test_an_index_of_version_1_learns_which_closures_were_walked(tmp_path: Path) -> None:
+    """Environments recorded before version 2 did not say whether their closure was walked:
+    they read as not walked (a restart walks them once more), read-only as well."""
+    import sqlite3
+
+    from agent.store.index import SCHEMA
+
+    path = tmp_path / "index.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA.replace(
+        ",\n    walked INTEGER NOT NULL DEFAULT 0  -- 1: closure is the whole walked closure, "
+        "not its roots", ""))
+    assert "walked" not in {r[1] for r in db.execute("PRAGMA table_info(environments)")}
+    db.execute("INSERT INTO environments (ref, generation, system, closure, closure_bytes, "
+               "updated) VALUES ('acme/web', 3, 'x86_64-linux', '[\"a\"]', 10, 0)")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    read_only = Index(path, read_only=True)
+    assert [e.walked for e in read_only.environments()] == [False]
+    read_only.db.close()
+    index = Index(path)
+    [env] = index.environments()
+    assert (env.ref, env.closure, env.walked) == ("acme/web", ("a",), False)
+    index.save_environment(replace(env, walked=True))
+    assert [e.walked for e in Index(path).environments()] == [True]
