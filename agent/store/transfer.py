@@ -80,7 +80,7 @@ class Transfer:
         self._fd: int | None = None
         self._tmp: Path | None = None
         self._readers = 0
-        self._turn = turn or contextlib.nullcontext()
+        self._turn = turn
         self.task = asyncio.ensure_future(self._run())
 
     def _notify(self) -> None:
@@ -91,7 +91,7 @@ class Transfer:
         start = time.monotonic()
         fields = {"source": self.source, "file": self.file}
         try:
-            async with self._turn:
+            async with self._turn_taken():
                 await self._download()
             self.visible = self.written
             log.info("nar fetched", extra={"fields": {
@@ -117,6 +117,18 @@ class Transfer:
                 self._tmp.unlink(missing_ok=True)
             self._release()
             self._notify()
+
+    @contextlib.asynccontextmanager
+    async def _turn_taken(self) -> AsyncIterator[None]:
+        if self._turn is None:
+            yield
+            return
+        with metrics.UPSTREAM_DOWNLOADS_WAITING.track_inprogress():
+            await self._turn.acquire()
+        try:
+            yield
+        finally:
+            self._turn.release()
 
     async def _download(self) -> None:
         """Fetch, verify and commit (or keep uncached when the store has no room)."""

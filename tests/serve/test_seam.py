@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from agent.nix.hashes import Hash
 from agent.nix.nar import build as build_nar
@@ -245,10 +246,13 @@ async def test_upstream_downloads_wait_for_a_turn_and_peer_downloads_take_none(
         await asyncio.sleep(0.1)
         # two open at the upstream, the others wait (no temporary file yet); peers: all five
         assert len(asked.nar_calls) == (2 if asked is upstream else 5)
+        assert REGISTRY.get_sample_value(
+            "flox_node_cache_upstream_downloads_waiting") == (3 if asked is upstream else 0)
         assert rt.busy() == set(files)  # waiting downloads are in flight all the same
         gate.set()
         assert await asyncio.gather(*readers) == [packed for _, packed in entries.values()]
         assert len(asked.nar_calls) == 5
+        assert REGISTRY.get_sample_value("flox_node_cache_upstream_downloads_waiting") == 0
         gate.clear()
         rt.store.close()
 
