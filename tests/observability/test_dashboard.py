@@ -54,7 +54,10 @@ MAY_BE_EMPTY = {
 # Queries that return series, legitimately all zero after the test traffic, and why. Every
 # other exercised query must show a value above zero.
 MAY_BE_ZERO = {
-    "Traffic/Coalesced waiters/A": "nobody is waiting on a fetch when Prometheus scrapes",
+    "Traffic/Coalesced waiters and downloads waiting for a turn/A":
+        "nobody is waiting on a fetch when Prometheus scrapes",
+    "Traffic/Coalesced waiters and downloads waiting for a turn/B":
+        "no download waits for a turn when Prometheus scrapes",
     "Upstream/Circuit open/A": "two spaced 500s do not open the circuit",
     "Store/Evictions/B": "nothing is evicted",
     "Store/Disk full/A": "the disk is not full",
