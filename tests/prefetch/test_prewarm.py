@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -223,30 +223,40 @@ async def test_unpin_during_a_running_prefetch_is_not_undone_by_its_end(
             assert "pod:acme/web" not in agent.store.pins.holders()
 
 
+def _prewarm_then_kill9(agent_dir: Path, upstream: UpstreamServer, key: str, store: Path,
+                       roots: list[str], until: Callable[[], bool]) -> None:
+    """A pinned prewarm of `roots`, killed with SIGKILL once `until()` holds."""
+    agent = AgentProcess(agent_dir, [upstream.url], [key], store=store).start()
+    body = json.dumps({"store_paths": roots, "pin": True})
+    subprocess.run(["curl", "-s", "--unix-socket", str(agent.socket), "-X", "POST",
+                    "http://agent/v1/prewarm", "-d", body], check=True, capture_output=True)
+    deadline = time.monotonic() + 20
+    while not until() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    agent.kill9()
+
+
+def _environments_once_complete(agent: AgentProcess) -> list[dict]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        envs = json.loads(cli(agent, "status", "--json").stdout)["environments"]
+        if envs and all(e["complete"] for e in envs):
+            return envs
+        time.sleep(0.3)
+    pytest.fail(f"the prefetch did not resume: {envs}")
+
+
 def test_an_interrupted_pinned_prefetch_resumes_after_a_restart(
         tmp_path: Path, published_cache: Path, signing_key: tuple[Path, str],
-        small_closure: Closure, big_path_closure: Closure) -> None:
+        big_path_closure: Closure) -> None:
     store = tmp_path / "store"
     with UpstreamServer(published_cache, bandwidth=1_000_000) as slow:
-        agent = AgentProcess(tmp_path / "a", [slow.url], [signing_key[1]], store=store).start()
-        body = json.dumps({"store_paths": big_path_closure.roots, "pin": True})
-        subprocess.run(["curl", "-s", "--unix-socket", str(agent.socket), "-X", "POST",
-                        "http://agent/v1/prewarm", "-d", body], check=True, capture_output=True)
-        deadline = time.monotonic() + 20
-        while not any((store / ".tmp").iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        agent.kill9()  # in the middle of the 8 MB NAR
-
+        # in the middle of the 8 MB NAR
+        _prewarm_then_kill9(tmp_path / "a", slow, signing_key[1], store, big_path_closure.roots,
+                            lambda: any((store / ".tmp").iterdir()))
         slow.reset_counts()
         with AgentProcess(tmp_path / "b", [slow.url], [signing_key[1]], store=store) as again:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                envs = json.loads(cli(again, "status", "--json").stdout)["environments"]
-                if envs and all(e["complete"] for e in envs):
-                    break
-                time.sleep(0.3)
-            else:
-                pytest.fail(f"the prefetch did not resume: {envs}")
+            envs = _environments_once_complete(again)
             assert envs[0]["pinned_by"] and envs[0]["paths"] == len(big_path_closure.paths)
             assert slow.count("/nar/*") >= 1  # the missing NAR was fetched by the resumed job
 
@@ -259,27 +269,14 @@ def test_a_prefetch_killed_after_its_roots_resumes_the_rest_of_the_closure(
     cache, store = tmp_path / "cache", tmp_path / "store"
     publish(closure.roots, cache, signing_key[0], "none")
     with UpstreamServer(cache, bandwidth=1_000_000) as slow:
-        agent = AgentProcess(tmp_path / "a", [slow.url], [signing_key[1]], store=store).start()
-        body = json.dumps({"store_paths": closure.roots, "pin": True})
-        subprocess.run(["curl", "-s", "--unix-socket", str(agent.socket), "-X", "POST",
-                        "http://agent/v1/prewarm", "-d", body], check=True, capture_output=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not (
-                any((store / "nar").glob("*.nar*")) and any((store / ".tmp").iterdir())):
-            time.sleep(0.02)
-        agent.kill9()  # the root committed, the 4 MB reference half way
-
+        # the root committed, the 4 MB reference half way
+        _prewarm_then_kill9(tmp_path / "a", slow, signing_key[1], store, closure.roots,
+                            lambda: any((store / "nar").glob("*.nar*"))
+                            and any((store / ".tmp").iterdir()))
         with AgentProcess(tmp_path / "b", [slow.url], [signing_key[1]], store=store) as again:
             envs = json.loads(cli(again, "status", "--json").stdout)["environments"]
             assert envs and not envs[0]["complete"]  # right after the restart
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                envs = json.loads(cli(again, "status", "--json").stdout)["environments"]
-                if envs and envs[0]["complete"]:
-                    break
-                time.sleep(0.3)
-            else:
-                pytest.fail(f"the prefetch did not resume: {envs}")
+            envs = _environments_once_complete(again)
             assert envs[0]["paths"] == envs[0]["paths_present"] == len(closure.paths) == 2
             assert envs[0]["pinned_by"]
 
