@@ -34,7 +34,7 @@ from agent.nix.signing import PublicKey, SecretKey, add_signature, signature_pro
 from agent.store.index import NarInfoRow, NarRow
 from agent.store.recompress import in_encoding
 from agent.store.store import Store
-from agent.store.transfer import NarOpener, Span, StoreFull, Transfer, passthrough, read_pieces
+from agent.store.transfer import NarOpener, Span, StoreFull, Transfer, passthrough
 from agent.upstream.client import CircuitBreaker, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -382,10 +382,6 @@ class NarHandle:
             return passthrough(self._owner.store, self.row.expected(), self._uncached)
         assert self.transfer is not None
         return self.transfer.pieces()
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        """`pieces` as bytes."""
-        return read_pieces(self._owner.store, self.pieces())
 
     async def __aenter__(self) -> "NarHandle":
         self._owner._acquire(self.row.file)

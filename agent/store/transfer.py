@@ -26,7 +26,6 @@ from agent.nix.verify import Expected, NarVerifier, VerificationError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CHUNK = 256 * 1024
 # Opens the NAR's bytes at its source (an upstream or the peers), as an async iterator.
 NarOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[bytes]]]
 # Told why the source's bytes failed verification, once they are discarded.
@@ -233,18 +232,6 @@ class Span:
     fd: int
     offset: int
     count: int
-
-
-async def read_pieces(store: TransferStore, pieces: AsyncIterator[Span | bytes]) \
-        -> AsyncIterator[bytes]:
-    """The bytes of `pieces`, spans read in steps of CHUNK (for consumers that need bytes)."""
-    async for piece in pieces:
-        if isinstance(piece, bytes):
-            yield piece
-            continue
-        end = piece.offset + piece.count
-        for at in range(piece.offset, end, CHUNK):
-            yield await store.run_io(os.pread, piece.fd, min(CHUNK, end - at), at)
 
 
 async def passthrough(store: TransferStore, expected: Expected, opener: NarOpener,
