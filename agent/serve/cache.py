@@ -109,7 +109,7 @@ async def _stream(request: web.Request, handle: NarHandle, sender: FileSender) \
     try:
         async for piece in handle.pieces():
             if isinstance(piece, Span):
-                await _send_span(request, sender, piece)
+                await sender.send_request_body(request, piece.fd, piece.offset, piece.count)
                 handle.served += piece.count
             else:
                 await write_or_stall(resp, piece, sender.stall_timeout)
@@ -123,9 +123,3 @@ async def _stream(request: web.Request, handle: NarHandle, sender: FileSender) \
         raise web.HTTPInternalServerError() from None
     await resp.write_eof()
     return resp
-
-
-async def _send_span(request: web.Request, sender: FileSender, span: Span) -> None:
-    if request.transport is None:
-        raise ConnectionResetError("client went away")
-    await sender.send_body(request.transport, span.fd, span.offset, span.count)

@@ -250,6 +250,13 @@ class FileSender:
             abort(transport)
             raise
 
+    async def send_request_body(self, request: web.Request, fd: int, offset: int,
+                                count: int) -> None:
+        """`send_body` on the request's connection, once its response is prepared."""
+        if request.transport is None:
+            raise ConnectionResetError("client went away")
+        await self.send_body(request.transport, fd, offset, count)
+
     async def _send_open(self, request: web.Request, fd: int, content_type: str) \
             -> tuple[web.StreamResponse, int]:
         size = os.fstat(fd).st_size
@@ -263,8 +270,6 @@ class FileSender:
         await resp.prepare(request)
         if request.method == "HEAD" or stop == start:
             return resp, 0
-        if request.transport is None:
-            raise ConnectionResetError("client went away")
-        await self.send_body(request.transport, fd, start, stop - start)
+        await self.send_request_body(request, fd, start, stop - start)
         await resp.write_eof()
         return resp, stop - start
