@@ -137,8 +137,9 @@ class Config:
     scrub_rate: str = setting("20M", "bytes per second the scrub may read", metavar="SIZE",
                               check=_size_check)
     recompress: str = setting("zstd", "re-encode ingested NARs so clients unpack them fast: "
-                              "zstd, uncompressed (fastest, more disk), or none (keep the "
-                              "upstream encoding)", choices=("zstd", "uncompressed", "none"))
+                              "zstd (uncompressed where zstd saves under a tenth), "
+                              "uncompressed (fastest, more disk), or none (keep the upstream "
+                              "encoding)", choices=("zstd", "uncompressed", "none"))
     recompress_level: int = setting(3, "zstd level", metavar="N", at_least=1, at_most=22)
     recompress_grace: float = setting(3600.0, "how long the original encoding stays servable "
                                       "for clients holding its narinfo", metavar="SECONDS",

@@ -2,7 +2,9 @@
 
 Most upstream NARs are xz, which a Nix client decompresses several times slower than zstd. After
 a NAR is committed, a background worker (off the event loop) re-encodes it, verifies the result
-against the signed NarHash and NarSize, publishes it and repoints its narinfos. The upstream
+against the signed NarHash and NarSize, publishes it and repoints its narinfos. A NAR that zstd
+barely shrinks (model weights, archives that are compressed already) is stored uncompressed
+instead: decoding it would cost every client more than the disk space is worth. The upstream
 Sig lines stay valid: they do not cover URL, Compression, FileHash or FileSize. The old file
 stays servable for a grace period, for clients that fetched the old narinfo just before.
 """
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 READ = 1 << 20
 # Encodings worth re-encoding, per target: zstd and none already unpack fast.
 SOURCES = {"zstd": {"xz", "bzip2", "gzip"}, "none": {"xz", "bzip2", "gzip", "zstd"}}
+# zstd is kept when it saves at least this share of the NAR; below it, the client's decoding
+# (about a fifth of a local file:// read of incompressible data) buys too little disk.
+ZSTD_MIN_SAVING = 0.1
 
 
 class Recompressor:
@@ -73,12 +78,17 @@ class Recompressor:
         if old is None or not old.committed or old.compression not in self.sources:
             return
         fd, tmp = self.store.new_temp()
+        target = self.target
         try:
-            file_hash, size = self._encode(self.store.nar_path(file), old.compression, fd)
-            self._verify(tmp, old, file_hash, size)
-            new_file = nar_file_name(file_hash, self.target)
+            file_hash, size = self._encode(self.store.nar_path(file), old.compression, target, fd)
+            if target == "zstd" and size > old.nar_size * (1 - ZSTD_MIN_SAVING):
+                target = "none"
+                file_hash, size = self._encode(self.store.nar_path(file), old.compression,
+                                               target, os.open(tmp, os.O_WRONLY | os.O_TRUNC))
+            self._verify(tmp, old, target, file_hash, size)
+            new_file = nar_file_name(file_hash, target)
             if self.store.nar_row(new_file) is None:
-                self.store.replace_encoding(old, tmp, new_file, self.target, file_hash, size)
+                self.store.replace_encoding(old, tmp, new_file, target, file_hash, size)
         except VerificationError as e:
             metrics.RECOMPRESSIONS.labels("rejected").inc()
             log.error("re-encoded NAR failed verification", extra={"fields": {
@@ -90,8 +100,9 @@ class Recompressor:
         log.info("re-encoded", extra={"fields": {"file": file, "as": new_file,
                                                  "bytes_before": old.file_size, "bytes": size}})
 
-    def _encode(self, source: os.PathLike, compression: str, fd: int) -> tuple[Hash, int]:
-        step = Transcoder(compression, self.target, self.level)
+    def _encode(self, source: os.PathLike, compression: str, target: str, fd: int) \
+            -> tuple[Hash, int]:
+        step = Transcoder(compression, target, self.level)
         digest = hashlib.sha256()
         size = 0
         with access.open_binary(source) as src, os.fdopen(fd, "wb") as out:
@@ -106,8 +117,9 @@ class Recompressor:
                 chunk = src.read(READ)
         return Hash("sha256", digest.digest()), size
 
-    def _verify(self, tmp: os.PathLike, old: NarRow, file_hash: Hash, size: int) -> None:
-        expected = replace(old.expected(), compression=self.target, file_hash=file_hash,
+    def _verify(self, tmp: os.PathLike, old: NarRow, target: str, file_hash: Hash,
+                size: int) -> None:
+        expected = replace(old.expected(), compression=target, file_hash=file_hash,
                            file_size=size)
         verifier = NarVerifier(expected)
         with open(tmp, "rb") as f:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.store.test_recompress import wait_zstd
+from tests.store.test_recompress import narinfo, wait_reencoded
 from tests.support.agent import AgentProcess
 from tests.support.nixenv import add_to_store, nix_copy, path_valid_in, publish
 from tests.support.upstream import UpstreamServer
@@ -105,7 +105,8 @@ async def test_a_gib_of_zeros_passes_through_fetch_reencode_verify_and_scrub_in_
         assert path_valid_in(scratch / "client", gib) and path_valid_in(scratch / "client", xz)
         shutil.rmtree(scratch / "client")
         # The xz NAR is re-encoded to zstd, and the result checked against its NarHash.
-        await wait_zstd(agent, [xz])
+        await wait_reencoded(agent, [xz])
+        assert (await narinfo(agent, xz))["Compression"] == ["zstd"]
         assert agent.metric("flox_node_cache_recompressions_total", outcome="ok") == 1
         wait_scrubbed(agent)
         assert agent.metric("flox_node_cache_verify_failures_total") == 0

@@ -25,7 +25,9 @@ def url_of(text: str) -> str:
 
 
 def wait_reencoded(store: Path, closure: Closure) -> None:
-    wait_for(lambda: all("Compression: zstd" in narinfo_file(store, p).read_text()
+    """Until no narinfo names the upstream's xz: each NAR is zstd, or uncompressed where zstd
+    barely shrinks it (the small closure's random contents)."""
+    wait_for(lambda: all("Compression: xz" not in narinfo_file(store, p).read_text()
                          for p in closure.paths), "every NAR to be re-encoded")
 
 
@@ -103,27 +105,29 @@ async def test_a_nar_deleted_by_hand_is_fetched_again_for_the_real_client(
         small_closure: Closure) -> None:
     key = signing_key[1]
     root = small_closure.roots[0]
+    zstd = small_closure.chain[-1]  # re-encoded to zstd; the others are stored uncompressed
     with AgentProcess(tmp_path / "a", [upstream_server.url], [key]) as agent:
         assert nix_copy(agent.url, tmp_path / "warm", [root], [key]).returncode == 0
         wait_reencoded(agent.store, small_closure)
-        nar = agent.store / url_of(narinfo_file(agent.store, root).read_text())
+        nar = agent.store / url_of(narinfo_file(agent.store, zstd).read_text())
+        assert nar.name.endswith(".nar.zst")
         original = nar.read_bytes()
         nar.unlink()
 
         # A client holding a narinfo that names the re-encoded file gets those very bytes:
         # the upstream's xz, re-encoded on the way and verified against the FileHash.
-        [(_, body)] = (await served(agent, [root])).values()
+        [(_, body)] = (await served(agent, [zstd])).values()
         assert body == original
         assert agent.metric("flox_node_cache_nar_refetches_total") == 1
         # The entry was forgotten: for the real client the path is a miss, fetched again
         # (here it lands on the original encoding, still kept for its grace period).
         for attempt in range(2):
-            r = nix_copy(agent.url, tmp_path / f"after-{attempt}", [root], [key])
+            r = nix_copy(agent.url, tmp_path / f"after-{attempt}", [zstd], [key])
             assert r.returncode == 0, r.stderr
-            assert path_valid_in(tmp_path / f"after-{attempt}", root)
-        assert (agent.store / url_of(narinfo_file(agent.store, root).read_text())).exists()
+            assert path_valid_in(tmp_path / f"after-{attempt}", zstd)
+        assert (agent.store / url_of(narinfo_file(agent.store, zstd).read_text())).exists()
 
-        # The real client asking for a deleted file it holds the narinfo of.
+        # The real client asking for a deleted file it holds the narinfo of (uncompressed).
         other = small_closure.chain[1]
         (agent.store / url_of(narinfo_file(agent.store, other).read_text())).unlink()
         r = nix_copy(agent.url, tmp_path / "other", [other], [key])
@@ -139,6 +143,7 @@ async def test_a_nar_evicted_between_narinfo_and_nar_is_fetched_again(
         small_closure: Closure, recompress: str) -> None:
     key = signing_key[1]
     root = small_closure.roots[0]
+    leaf = small_closure.chain[-1]  # re-encoded to zstd under --recompress zstd
     # No direct-read grace: the test itself reads the store's files (wait_reencoded), which
     # would otherwise keep them from eviction like a node's reads.
     with AgentProcess(tmp_path / "a", [upstream_server.url], [key], "--recompress",
@@ -147,7 +152,8 @@ async def test_a_nar_evicted_between_narinfo_and_nar_is_fetched_again(
         assert nix_copy(agent.url, tmp_path / "warm", [root], [key]).returncode == 0
         if recompress == "zstd":
             wait_reencoded(agent.store, small_closure)
-        [(text, body)] = (await served(agent, [root])).values()
+        [(text, body)] = (await served(agent, [leaf])).values()
+        assert url_of(text).endswith({"zstd": ".nar.zst", "none": ".nar.xz"}[recompress])
 
         gc = subprocess.run([sys.executable, "-m", "agent", "gc", "--socket",
                              str(agent.socket)], capture_output=True, text=True)
