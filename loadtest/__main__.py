@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
       "default medium")
     a("--workdir", type=Path, help="closures, caches and agent stores; reused between runs of "
       "the same size (default var/loadtest/<size>)")
+    a("--nodes-dir", type=Path, default=runner.Options.nodes_dir,
+      help="where the cold nodes (real Nix clients) write their fresh stores; a tmpfs keeps the "
+      "disk's writeback, the same for every substituter compared, out of the timings "
+      "(default %(default)s)")
     a("--json", type=Path, default=REPO / "loadtest" / "results" / "latest.json",
       help="where to write the JSON results (default loadtest/results/latest.json)")
     a("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
@@ -97,7 +101,8 @@ def options(args: argparse.Namespace) -> runner.Options:
         storm_seconds=args.storm_seconds or prof.storm_seconds,
         storm_connections=args.storm_connections, open_loop_rate=args.open_loop_rate,
         nginx_workers=args.nginx_workers, xz_level=args.xz_level,
-        settle_limit=args.settle_limit, nodes=args.nodes, pods_per_node=args.pods_per_node)
+        settle_limit=args.settle_limit, nodes_dir=args.nodes_dir.resolve(), nodes=args.nodes,
+        pods_per_node=args.pods_per_node)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,7 @@ async def peer_rollout(r: Run, mode: str) -> None:
                 r.up.reset_counts()
                 t0 = time.perf_counter()
                 copies = await asyncio.gather(*(
-                    ld.nix_realises([a.url], r.envs.web.roots[0], r.keys, r.tmp("pods"), m)
+                    ld.nix_realises([a.url], r.envs.web.roots[0], r.keys, r.nodes("pods"), m)
                     for a in agents))
                 wall[with_peers].append(time.perf_counter() - t0)
             finally:

@@ -74,15 +74,20 @@ class Sample:
 Variant = Callable[[], Sample | Awaitable[Sample]]
 
 
-async def interleave(variants: Mapping[str, Variant], repeats: int) -> dict[str, list[Sample]]:
-    """Run every variant once per round, in the given order, for `repeats` rounds."""
+async def interleave(variants: Mapping[str, Variant], repeats: int,
+                     warmup: bool = False) -> dict[str, list[Sample]]:
+    """Run every variant once per round, in the given order, for `repeats` rounds; with
+    `warmup`, after one unmeasured round (which reads each variant's files into the page
+    cache, as the later rounds find them)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     out: dict[str, list[Sample]] = {name: [] for name in variants}
-    for _ in range(repeats):
+    for i in range(-1 if warmup else 0, repeats):
         for name, run in variants.items():
             result = run()
-            out[name].append(await result if inspect.isawaitable(result) else result)
+            sample = await result if inspect.isawaitable(result) else result
+            if i >= 0:
+                out[name].append(sample)
     return out
 
 

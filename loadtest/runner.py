@@ -4,6 +4,7 @@ results list) is here; the scenarios themselves are in scenarios.py."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -35,6 +36,7 @@ class Options:
     nginx_workers: int
     xz_level: int
     settle_limit: float
+    nodes_dir: Path = Path("/dev/shm/flox-loadtest")  # the cold nodes' fresh stores
     nodes: int = 4           # peer-rollout: agents, each on its own loopback address
     pods_per_node: int = 2
 
@@ -60,6 +62,11 @@ class Run:
         d = self.opts.workdir / "tmp"
         d.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=d))
+
+    def nodes(self, name: str) -> Path:
+        """A directory for the fresh stores of cold nodes (Nix clients), under --nodes-dir."""
+        self.opts.nodes_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.opts.nodes_dir))
 
     def agent(self, mode: str) -> AgentProcess:
         """A fresh (cold) agent with an empty store."""
@@ -128,4 +135,6 @@ async def run(opts: Options, envs: Environments, caches: Caches, scenarios: list
                     done(r)
         finally:
             shutil.rmtree(opts.workdir / "tmp", ignore_errors=True)
+            with contextlib.suppress(OSError):  # each node's store is gone already
+                opts.nodes_dir.rmdir()
     return r

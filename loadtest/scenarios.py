@@ -56,7 +56,7 @@ async def warm_start(r: Run, mode: str) -> None:
                 async def one() -> Sample:
                     before = _agent_requests(agent)
                     with CpuMeter(server or NO_PIDS) as cpu:
-                        c = await ld.nix_realises(subs, ml.roots[0], r.keys, r.tmp("warm"))
+                        c = await ld.nix_realises(subs, ml.roots[0], r.keys, r.nodes("warm"))
                     r.check(c, f"warm start, {what} ({mode})")
                     return Sample(c.wall_s, cpu.seconds if server else None, len(ml.paths),
                                   {"client_cpu_s": c.client_cpu_s,
@@ -69,7 +69,7 @@ async def warm_start(r: Run, mode: str) -> None:
                 "nginx": realise([nginx_url], nginx.pids, "nginx"),
                 "agent": realise([agent.url], agent_pids(agent), "agent HTTP"),
                 "overlay": realise([store, agent.url], agent_pids(agent), "overlay"),
-            }, r.opts.repeats)
+            }, r.opts.repeats, warmup=True)
     finally:
         r.stop(agent)
     _warm_start_rows(r, mode, res)
@@ -138,7 +138,7 @@ async def cold_start(r: Run, mode: str) -> None:
     ml = r.envs.ml
 
     async def direct() -> Sample:
-        c = await ld.nix_realises([r.up.url], ml.roots[0], r.keys, r.tmp("direct"))
+        c = await ld.nix_realises([r.up.url], ml.roots[0], r.keys, r.nodes("direct"))
         r.check(c, "cold start, direct from upstream")
         return Sample(c.wall_s, details={"client_cpu_s": c.client_cpu_s})
 
@@ -146,7 +146,7 @@ async def cold_start(r: Run, mode: str) -> None:
         agent = r.agent(mode)
         try:
             with CpuMeter(agent_pids(agent)) as cpu:
-                c = await ld.nix_realises([agent.url], ml.roots[0], r.keys, r.tmp("cold"))
+                c = await ld.nix_realises([agent.url], ml.roots[0], r.keys, r.nodes("cold"))
         finally:
             r.stop(agent)
         r.check(c, f"cold start through a cold agent ({mode})")
@@ -298,7 +298,7 @@ async def clients(r: Run, mode: str) -> None:
     def realise(what: str, url: Callable[[], str]) -> Variant:
         async def one() -> Sample:
             r.up.reset_counts()
-            c = await ld.nix_realises([url()], web.roots[0], r.keys, r.tmp(what), n)
+            c = await ld.nix_realises([url()], web.roots[0], r.keys, r.nodes(what), n)
             r.check(c, f"{n} clients, {what} ({mode})")
             usage = ld.upstream_usage(r.up, r.caches, web.paths)
             if what == "warm agent":
@@ -354,7 +354,7 @@ async def rollout(r: Run, mode: str) -> None:
             if state.get("state") != "succeeded":
                 r.notes.append(f"rollout: prewarm ended {state}")
             r.up.reset_counts()
-            c = await ld.nix_realises([agent.url], web.roots[0], r.keys, r.tmp("pods"), n)
+            c = await ld.nix_realises([agent.url], web.roots[0], r.keys, r.nodes("pods"), n)
             r.check(c, f"rollout pods ({mode})")
             pods_s.append(c.wall_s)
             nar_requests.append(float(ld.upstream_usage(r.up, r.caches, web.paths)

@@ -66,6 +66,12 @@ def test_interleave_runs_the_variants_in_rounds() -> None:
     assert [s.value for s in res["C"]] == [0.5] * 3
     with pytest.raises(ValueError):
         asyncio.run(interleave({"A": sync("A", 0)}, 0))
+    # A warm-up round runs every variant once more, first, and is not counted.
+    calls.clear()
+    res = asyncio.run(interleave({"A": sync("A", 0), "B": sync("B", 100)}, 2, warmup=True))
+    assert calls == ["A", "B"] * 3
+    assert [s.value for s in res["A"]] == [3, 5]
+    assert [s.value for s in res["B"]] == [104, 106]
 
 
 def test_ratios_pair_each_sample_with_the_baseline_of_its_round() -> None:
