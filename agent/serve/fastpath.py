@@ -115,9 +115,9 @@ class NarSend:
             fd = access.open_fd(handle.path)
             try:
                 size = os.fstat(fd).st_size
-                transport.write(hits.head(b"application/x-nix-nar", size, self._request_id,
-                                          b"Accept-Ranges: bytes\r\n"))
-                await hits.sender.send_body(transport, fd, 0, size)
+                head = hits.head(b"application/x-nix-nar", size, self._request_id,
+                                 b"Accept-Ranges: bytes\r\n")
+                await hits.sender.send_body(transport, fd, 0, size, head)
                 handle.served = size
             except (OSError, ClientStalled, EOFError) as e:
                 log.info("local nar send aborted", extra={"fields": {
