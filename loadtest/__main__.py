@@ -81,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
       "(default 4)")
     a("--pods-per-node", type=int, default=2, help="concurrent pods per node in the "
       "peer-rollout scenario (default 2)")
+    a("--throughput-seconds", type=float, default=runner.Options.throughput_seconds,
+      help="each NAR throughput sample repeats whole passes over the closure for at least this "
+      "long: a pass over 16 connections takes a fraction of a second, too short to average out "
+      "the scheduler of a shared machine (default %(default)s)")
     a("--settle-limit", type=float, default=300.0, help="longest wait for the agent to serve "
       "re-encoded narinfos before a warm measurement (default 300 s)")
     return p
@@ -102,7 +106,7 @@ def options(args: argparse.Namespace) -> runner.Options:
         storm_connections=args.storm_connections, open_loop_rate=args.open_loop_rate,
         nginx_workers=args.nginx_workers, xz_level=args.xz_level,
         settle_limit=args.settle_limit, nodes_dir=args.nodes_dir.resolve(), nodes=args.nodes,
-        pods_per_node=args.pods_per_node)
+        pods_per_node=args.pods_per_node, throughput_seconds=args.throughput_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

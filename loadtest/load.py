@@ -133,8 +133,8 @@ class Throughput:
     errors: int
 
 
-def nar_throughput(target: Target, files: list[str], connections: int, *,
-                   min_seconds: float = 0.5, max_passes: int = 20) -> Throughput:
+def nar_throughput(target: Target, files: list[str], connections: int, min_seconds: float,
+                   max_passes: int = 1000) -> Throughput:
     """Download every file of `files` over `connections` keep-alive connections (work-stealing
     threads; recv releases the GIL), repeating whole passes until `min_seconds` have passed."""
     total, errors, passes = 0, 0, 0

@@ -37,6 +37,7 @@ class Options:
     xz_level: int
     settle_limit: float
     nodes_dir: Path = Path("/dev/shm/flox-loadtest")  # the cold nodes' fresh stores
+    throughput_seconds: float = 3.0  # each NAR throughput sample: whole passes for this long
     nodes: int = 4           # peer-rollout: agents, each on its own loopback address
     pods_per_node: int = 2
 

@@ -257,7 +257,8 @@ async def throughput(r: Run, mode: str) -> None:
                     for who, target, pids in (("agent", ours, agent_pids(agent)),
                                               ("nginx", theirs, nginx.pids)):
                         variants[f"{conns} {who}"] = _served(
-                            pids, lambda t=target, c=conns: ld.nar_throughput(t, files, c),
+                            pids, lambda t=target, c=conns: ld.nar_throughput(
+                                t, files, c, r.opts.throughput_seconds),
                             lambda m: m.bytes_per_s, lambda m: m.passes * len(files))
                 res = await interleave(variants, r.opts.repeats)
                 _throughput_rows(r, mode, ours.transport, res, len(files))

@@ -39,7 +39,7 @@ def _tiny(tmp: Path, *args: str) -> dict:
     out = tmp / "results.json"
     proc = _run("--size", "tiny", "--workdir", str(tmp / "work"), "--json", str(out),
                 "--settle-limit", "5", "--storm-seconds", "0.3", "--latency", "0.005",
-                "--clients", "3", "--rss-clients", "6", *args)
+                "--clients", "3", "--rss-clients", "6", "--throughput-seconds", "0.2", *args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "flox-node-cache loadtest" in proc.stdout  # the table
     doc = json.loads(out.read_text())
