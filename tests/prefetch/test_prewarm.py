@@ -243,7 +243,8 @@ def _environments_once_complete(agent: AgentProcess) -> list[dict]:
         if envs and all(e["complete"] for e in envs):
             return envs
         time.sleep(0.3)
-    pytest.fail(f"the prefetch did not resume: {envs}")
+    notable = [r for r in agent.log_records() if r.get("level") not in ("debug", "info")]
+    pytest.fail(f"the prefetch did not resume: {envs}\nwarnings and errors: {notable[-20:]}")
 
 
 def test_an_interrupted_pinned_prefetch_resumes_after_a_restart(
