@@ -73,11 +73,12 @@ async def test_peer_listener_refuses_requests_without_the_token(
 
 
 async def test_a_narinfo_from_a_peer_still_finds_its_nar_after_a_restart(
-        peer_cluster: MakeCluster, small_closure: Closure, big_path_closure: Closure) -> None:
+        peer_cluster: MakeCluster, small_closure: Closure) -> None:
     cluster = peer_cluster(2)
-    h = next(hash_part(p) for p in small_closure.paths + big_path_closure.paths
-             if cluster.owner(hash_part(p)) == 1)
-    agent = cluster.agents[0]
+    h = hash_part(small_closure.roots[0])
+    # Asked of the agent that does not own it. (Asking agent 0 for a path agent 1 owns had no
+    # such path among these 7 in 1 run of 128: ownership depends on the run's ports.)
+    agent = cluster.agents[1 - cluster.owner(h)]
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{agent.url}/{h}.narinfo") as r:
             assert r.status == 200
