@@ -60,14 +60,12 @@ class Run:
         self.out.append(m)
 
     def tmp(self, name: str) -> Path:
-        d = self.opts.workdir / "tmp"
-        d.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=d))
+        """A fresh directory under the workdir (agent stores, tokens)."""
+        return _fresh_dir(self.opts.workdir / "tmp", name)
 
     def nodes(self, name: str) -> Path:
-        """A directory for the fresh stores of cold nodes (Nix clients), under --nodes-dir."""
-        self.opts.nodes_dir.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.opts.nodes_dir))
+        """A fresh directory for the stores of cold nodes (Nix clients), under --nodes-dir."""
+        return _fresh_dir(self.opts.nodes_dir, name)
 
     def agent(self, mode: str) -> AgentProcess:
         """A fresh (cold) agent with an empty store."""
@@ -103,6 +101,11 @@ class Run:
                              [float(settle["settle_s"])], "s", better="lower",  # type: ignore[arg-type]
                              recompress=mode, details=settle))
         return agent
+
+
+def _fresh_dir(parent: Path, name: str) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
 
 
 @dataclass(frozen=True)
