@@ -60,6 +60,20 @@ def test_a_plain_hit_is_answered_whole() -> None:
     assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT", fields["Date"])
 
 
+@pytest.mark.parametrize(("headers", "request_id"), [
+    ("", None),                                                          # no headers at all
+    ("Connection: Keep-Alive \r\nX-Empty:\r\n", None),
+    ("x-request-id:\tid-1 \r\nX-Request-Id: id-2\r\n", "id-1"),        # the first, as aiohttp
+    ("User-Agent: curl/8.5.0 Nix/2.18\r\nAccept: */*\r\nX-REQUEST-ID: a b\r\n", "a b"),
+])
+def test_plain_requests_are_answered_here(headers: str, request_id: str | None) -> None:
+    out = _hits().answer(_request(headers=headers))
+    assert out is not None and out.endswith(TEXT.encode())
+    rid = re.search(rb"\r\nX-Request-Id: ([^\r]*)\r\n", out)
+    assert rid is not None and rid[1] != b""
+    assert request_id is None or rid[1].decode() == request_id
+
+
 def test_head_has_the_length_and_no_body() -> None:
     out = _hits().answer(_request(method="HEAD"))
     assert out is not None and out.endswith(b"\r\n\r\n")
@@ -90,6 +104,11 @@ def test_head_has_the_length_and_no_body() -> None:
     _request() + _request(),                                             # pipelined
     _request().replace(b"\r\n", b"\n"),                                  # bare LF
     _request().replace(b" /", b"  /", 1),
+    _request(headers="RANGE: bytes=0-1\r\n"),                            # names ignore case
+    _request(headers="connection: keep-alive, upgrade\r\n"),
+    _request(headers="Host: a\r\nif-range: x\r\n"),
+    _request().replace(b"narinfo", "narinf\xf6".encode()),               # a non-ASCII target
+    _request().replace(b"GET /", b"GET /\x00", 1),
 ], ids=lambda d: d[:60].decode("latin-1"))
 def test_anything_but_a_plain_hit_is_left_to_aiohttp(data: bytes) -> None:
     assert _hits().answer(data) is None
