@@ -8,6 +8,7 @@ a narinfo hit's Python), and these are only ever updated, and scraped (app.py), 
 loop's thread.
 """
 
+import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
@@ -56,15 +57,16 @@ C = TypeVar("C", _Count, _Distribution)
 
 
 class _LoopMetric(Collector, Generic[C]):
-    """A labelled metric updated and collected without a lock: by the event loop's thread only.
-    (Collected from a copy of its children, so a scrape from another thread, as tests do, does
-    not race an update.)"""
+    """A labelled metric updated without a lock, by the event loop's thread only. Only a new
+    series takes one (rare: callers resolve their children once), so that a scrape from
+    another thread, as tests do, copies the series without racing their creation."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
                  new_child: Callable[[], C], registry: CollectorRegistry) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
         self._new_child = new_child
         self._children: dict[tuple[str, ...], C] = {}
+        self._lock = threading.Lock()
         if not self.labelnames:
             self.labels()  # exported at zero from the start, as prometheus-client's are
         registry.register(self)
@@ -75,11 +77,13 @@ class _LoopMetric(Collector, Generic[C]):
             raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self._new_child()
+            with self._lock:
+                child = self._children.setdefault(values, self._new_child())
         return child
 
     def children(self) -> list[tuple[tuple[str, ...], C]]:
-        return list(self._children.items())
+        with self._lock:
+            return list(self._children.items())
 
 
 class LoopCounter(_LoopMetric[_Count]):
