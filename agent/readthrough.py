@@ -237,9 +237,10 @@ class ReadThrough:
 
     def local_nar(self, file: str) -> "NarHandle | None":
         """A committed NAR this store holds, as open_nar gives it; None when the answer needs
-        more (a transfer, a lost file, a source: the HTTP fast path's question)."""
+        more (a transfer, a source: the HTTP fast path's question, which opens the file and
+        leaves a lost one to open_nar)."""
         row = self.store.nar_row(file)
-        if row is None or not row.committed or not self.store.nar_present(file):
+        if row is None or not row.committed:
             return None
         return self._local_handle(row)
 
@@ -383,18 +384,25 @@ class NarHandle:
         assert self.transfer is not None
         return self.transfer.pieces()
 
-    async def __aenter__(self) -> "NarHandle":
+    def acquire(self) -> None:
+        """Hold the NAR (as `async with`) until `release`."""
         self._owner._acquire(self.row.file)
         if self.transfer is None and self._uncached is None:
             self._owner.store.touch_nar(self.row.file)
         if self.source == "coalesced":
             metrics.COALESCED_WAITERS.inc()
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    def release(self) -> None:
         if self.source == "coalesced":
             metrics.COALESCED_WAITERS.dec()
         self._owner._release(self.row.file, self.served, self.source, self.kind)
+
+    async def __aenter__(self) -> "NarHandle":
+        self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _rejected(source: Source, info: NarInfo, problem: str) -> str:

@@ -16,13 +16,15 @@ import email.utils
 import logging
 import os
 import re
+import socket
 import time
+from pathlib import Path
 
 from agent.logs import new_request_id
 from agent.nix.storepath import is_hash_part
 from agent.readthrough import NarHandle, ReadThrough
 from agent.serve.observe import Answers
-from agent.serve.sendfile import ClientStalled, FileSender
+from agent.serve.sendfile import ClientStalled, FileSender, send_ready
 from agent.store import access
 from agent.store.layout import is_nar_file
 
@@ -76,35 +78,74 @@ def _plain_request(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     return plain[1], plain[2], request_id
 
 
+def _opened(path: Path) -> tuple[int, int] | None:
+    """(descriptor, size) of a committed NAR's file; None when it is gone (lost: aiohttp's
+    route forgets it and fetches it again). The open is the check: no stat before it."""
+    try:
+        fd = access.open_fd(path)
+    except OSError:
+        return None
+    try:
+        return fd, os.fstat(fd).st_size
+    except OSError:
+        os.close(fd)
+        return None
+
+
 class NarSend:
-    """A committed NAR to send on a connection: `run` writes the response and holds the NAR's
-    handle (in use, access, savings) until the last byte is out."""
+    """A committed NAR to send on a connection, its file open and its handle held (in use,
+    access) from `Hits.answer` until `finish`, which records the answer (savings, metrics).
+    `start` sends what the socket takes at once, all of most NARs; `run` sends the rest."""
 
-    def __init__(self, hits: "Hits", handle: NarHandle, request_id: bytes, start: float) \
-            -> None:
-        self._hits, self._handle, self._request_id, self._start = hits, handle, request_id, start
+    def __init__(self, hits: "Hits", handle: NarHandle, fd: int, size: int, request_id: bytes,
+                 start: float) -> None:
+        self._hits, self._handle, self._fd, self._size = hits, handle, fd, size
+        self._request_id, self._start = request_id, start
+        self._head = hits.head(b"application/x-nix-nar", self._size, request_id,
+                               b"Accept-Ranges: bytes\r\n")
+        self._sent = 0  # body bytes out
+        handle.acquire()
 
-    async def run(self, transport: asyncio.Transport) -> None:
-        handle, hits = self._handle, self._hits
-        assert handle.path is not None
-        async with handle:
-            fd = access.open_fd(handle.path)
-            try:
-                size = os.fstat(fd).st_size
-                head = hits.head(b"application/x-nix-nar", size, self._request_id,
-                                 b"Accept-Ranges: bytes\r\n")
-                await hits.sender.send_body(transport, fd, 0, size, head)
-                handle.served = size
-            except (OSError, ClientStalled, EOFError) as e:
-                log.info("local nar send aborted", extra={"fields": {
-                    "file": handle.row.file, "error": str(e)}})
-                hits.answers.record("nar", "GET", 500, self._start, "/" + handle.row.file,
-                                     self._request_id)
-                return
-            finally:
-                os.close(fd)
-        hits.answers.record("nar", "GET", 200, self._start, "/" + handle.row.file,
-                                 self._request_id)
+    def start(self, out: socket.socket) -> bool:
+        """Send what `out` takes now (the connection's buffer is empty); True when the whole
+        response is out and finished."""
+        try:
+            self._head, self._sent = send_ready(out, self._head, self._fd, 0, self._size)
+        except (OSError, EOFError) as e:
+            self.finish(e)
+            raise
+        if self._head or self._sent < self._size:
+            return False
+        self.finish()
+        return True
+
+    async def run(self, transport: asyncio.Transport, out: socket.socket) -> None:
+        """Send the rest on `out`, then finish; on a failure the connection is reset."""
+        try:
+            await self._hits.sender.send_body(transport, self._fd, self._sent,
+                                              self._size - self._sent, out, self._head)
+        except (OSError, ClientStalled, EOFError) as e:
+            self.finish(e)
+            return
+        self._sent = self._size
+        self.finish()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Record the answer (500 after `error`, or when the send never completed), close the
+        file and release the handle; once."""
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        handle = self._handle
+        complete = error is None and self._sent == self._size
+        handle.served = self._sent if complete else 0
+        handle.release()
+        if error is not None:
+            log.info("local nar send aborted", extra={"fields": {
+                "file": handle.row.file, "error": str(error)}})
+        self._hits.answers.record("nar", "GET", 200 if complete else 500, self._start,
+                                  "/" + handle.row.file, self._request_id)
 
 
 class Hits:
@@ -130,8 +171,11 @@ class Hits:
         if target.startswith(_NAR_PREFIX) and method == b"GET":
             file = target[1:].decode()
             handle = self._readthrough.local_nar(file) if is_nar_file(file) else None
-            if handle is not None:
-                return NarSend(self, handle, request_id or new_request_id().encode(), start)
+            path = handle.path if handle is not None else None
+            opened = _opened(path) if path is not None else None
+            if handle is None or opened is None:
+                return None
+            return NarSend(self, handle, *opened, request_id or new_request_id().encode(), start)
         return None
 
     def _narinfo(self, method: bytes, target: bytes, request_id: bytes, start: float) \

@@ -40,7 +40,7 @@ from aiohttp.web_protocol import RequestHandler
 from agent import metrics
 from agent.config import Config, ConfigError
 from agent.serve.fastpath import Hits, NarSend
-from agent.serve.sendfile import abort
+from agent.serve.sendfile import abort, duplicate
 from agent.upstream.client import CONNECTIONS_PER_UPSTREAM
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 # A connection quiet for this long may be closed to make room. A fresh one is spared: its
 # request may be waiting in the kernel's buffer, not yet read, during a burst.
 EVICTABLE_AFTER = 1.0
-# Descriptors per connection of the cap: its socket, a NAR file, the socket's duplicate while
-# sending it, and room for as many refused connections lingering (see Listener._refuse).
+# Descriptors per connection of the cap: its socket, a NAR file, the socket's duplicate (kept
+# from its first NAR on), and room for as many refused connections lingering (see
+# Listener._refuse).
 FDS_PER_CONNECTION = 4
 LINGER = 2.0
 ACCEPT_BATCH = 64  # connections accepted per wake-up, so the loop serves others in a burst
@@ -277,6 +278,7 @@ class _Connection(asyncio.Protocol):
         self.pipelined = False  # bytes arrived while aiohttp was busy: it keeps the connection
         self.writing = True  # the transport is not paused
         self._sending: asyncio.Task[None] | None = None  # a NAR the fast path is sending
+        self._out: socket.socket | None = None  # the socket's duplicate the fast path sends on
         self._held = b""  # what arrived meanwhile, for aiohttp once it is sent
         self.since = listener.loop.time()  # connected, or last request ended
         self.expires = 0.0
@@ -342,28 +344,56 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return False
         if isinstance(response, NarSend):
-            self.busy += 1
-            self._sending = self.listener.loop.create_task(self._send(response))
+            self._send_nar(response, self.transport)
             return True
         self.transport.write(response)
         self._idle()
         return True
 
-    async def _send(self, nar: NarSend) -> None:
-        assert self.transport is not None
+    def _send_nar(self, nar: NarSend, transport: asyncio.Transport) -> None:
+        """Send what the socket takes now; a task sends the rest (and finishes the NAR however
+        it ends, cancelled before it began included)."""
         try:
-            await nar.run(self.transport)
+            if self._out is None:
+                self._out = duplicate(transport)
+            if not transport.get_write_buffer_size() and nar.start(self._out):
+                self._idle()
+                return
+        except (OSError, EOFError):  # the send failed (recorded): a half answer must not stand
+            nar.finish()  # (a failure in `duplicate`, before any send, is recorded here)
+            abort(transport)
+            return
+        self.busy += 1
+        self._sending = self.listener.loop.create_task(self._send(nar, transport, self._out))
+        self._sending.add_done_callback(lambda _: self._sent(nar))
+
+    def _sent(self, nar: NarSend) -> None:
+        """The send's task is done, whatever ended it: no thread uses the file or the duplicate
+        any more (a thread's step is awaited even on cancellation)."""
+        nar.finish()
+        if self.closed:
+            self._close_out()
+
+    async def _send(self, nar: NarSend, transport: asyncio.Transport,
+                    out: socket.socket) -> None:
+        try:
+            await nar.run(transport, out)
         except Exception:
             log.exception("nar send failed")
-            abort(self.transport)
+            abort(transport)
         finally:
             self._sending = None
             self.request_done()
-        if self._held and not self.transport.is_closing():
+        if self._held and not transport.is_closing():
             held, self._held = self._held, b""
             self.pipelined = True
-            self.transport.resume_reading()
+            transport.resume_reading()
             self.data_received(held)
+
+    def _close_out(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
     def eof_received(self) -> bool | None:
         return self.handler.eof_received()
@@ -379,7 +409,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._sending is not None:
-            self._sending.cancel()
+            self._sending.cancel()  # its end closes the duplicate (a thread may be using it)
+        else:
+            self._close_out()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

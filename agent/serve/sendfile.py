@@ -6,15 +6,17 @@ client. Here the headers go out first (through aiohttp; on the fast path held ba
 MSG_MORE, so that they leave with the body's first bytes), then `os.sendfile` copies from the
 file to the connection's non-blocking socket, in steps. As in nginx, a step runs in the event
 loop itself when the file's pages are in memory (a probe that fails rather than wait for the
-disk says so): a hand-off to a thread costs more CPU than such a copy. A step whose pages are
+disk says so): a hand-off to a thread costs more CPU than such a copy. The fast path sends the
+first step in the very callback that read the request (`send_ready`), so a NAR the socket's
+buffer takes whole, most of them, needs no task and no wait. A step whose pages are
 not in memory runs in a worker thread, so the event loop never waits for the disk. Between steps
 the event loop waits (add_writer, no thread) for the client to read more, unless the socket took
 a whole step (then the other connections get their turn first, as nginx's posted events): the
 event loop never sees the bytes, and a client that stops reading holds no thread; after
 `stall_timeout` seconds without progress its transfer is dropped. The transport's own buffer is
 empty before sending starts and nothing else writes to the connection until it ends (HTTP/1.1
-answers one request at a time); the sends use their own duplicate of the socket descriptor (see
-below).
+answers one request at a time); the sends use their own duplicate of the socket descriptor
+(`duplicate`).
 """
 
 import asyncio
@@ -227,6 +229,36 @@ async def _send_steps(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offs
             await _writable(loop, sock_fd, stall_timeout)
 
 
+def duplicate(transport: asyncio.BaseTransport) -> socket.socket:
+    """A duplicate of an open transport's socket to send on. Sends never use the transport's
+    own descriptor: if the client goes away and the transport closes it (during a wait, or
+    under a thread), its number may be reused by a new connection at once, and bytes must never
+    land there. Its owner closes it once no send uses it."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        raise ConnectionResetError("client went away")
+    out = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+    _widen_send_buffer(out)
+    return out
+
+
+def send_ready(out: socket.socket, head: bytes, fd: int, offset: int, count: int) \
+        -> tuple[bytes, int]:
+    """Send, from the event loop and without waiting, what the socket takes now of `head` and
+    then of one step of `count` bytes of `fd` from `offset`, if its pages are in memory:
+    (what is left of the head, body bytes sent). Most NARs fit a socket's buffer, and go out
+    whole here, with no task or wait. Raises OSError or EOFError as a step does."""
+    if head:
+        flags = socket.MSG_MORE if out.family in (socket.AF_INET, socket.AF_INET6) else 0
+        head = head[_send_some(out, head, flags):]
+        if head:
+            return head, 0
+    step = min(count, LOOP_STEP)
+    if not _in_memory(fd, offset + step - 1):
+        return head, 0
+    return head, _send_step(out.fileno(), fd, offset, count)
+
+
 class FileSender:
     """Sends committed files zero-copy; owns the threads that send them (`close` stops
     them). A client that reads nothing for `stall_timeout` seconds is dropped."""
@@ -249,35 +281,26 @@ class FileSender:
         finally:
             os.close(fd)
 
-    async def _send_dup(self, sock: socket.socket, head: bytes, fd: int, offset: int,
-                        count: int) -> None:
-        # The sends write to a duplicate of the socket: if the client goes away and the
-        # transport closes its descriptor (during a wait, or under a thread), the number may be
-        # reused by a new connection at once, and bytes must never land there.
-        out = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
-        try:
-            if head:
-                await _send_head(out, head, self.stall_timeout)
-            await _send_steps(self._send_pool, out.fileno(), fd, offset, count,
-                              self.stall_timeout)
-        finally:
-            out.close()
-
     async def send_body(self, transport: asyncio.Transport, fd: int, offset: int,
-                        count: int, head: bytes = b"") -> None:
-        """Send `head` (the response's headers, unless the caller wrote them to `transport`)
-        and `count` bytes of `fd` from `offset`, once what was written to `transport` is out.
-        On a failure the connection is reset (a half-sent body must not look complete) and
-        the error raised."""
-        sock = transport.get_extra_info("socket")
+                        count: int, out: socket.socket | None = None, head: bytes = b"") -> None:
+        """Send `head` (headers the caller did not write to `transport`) and `count` bytes of
+        `fd` from `offset`, once what was written to `transport` is out; on `out`, the
+        connection's duplicate (`duplicate`), or one made for this send. On a failure the
+        connection is reset (a half-sent body must not look complete) and the error raised."""
         try:
-            if sock is None:
-                raise ConnectionResetError("client went away")
             await _headers_sent(transport, self.stall_timeout)
             if transport.is_closing():  # its descriptor's number may belong to another now
                 raise ConnectionResetError("client went away")
-            _widen_send_buffer(sock)
-            await self._send_dup(sock, head, fd, offset, count)
+            own = out is None
+            out = duplicate(transport) if out is None else out
+            try:
+                if head:
+                    await _send_head(out, head, self.stall_timeout)
+                await _send_steps(self._send_pool, out.fileno(), fd, offset, count,
+                                  self.stall_timeout)
+            finally:
+                if own:
+                    out.close()
         except (OSError, ClientStalled, EOFError):
             abort(transport)
             raise

@@ -120,11 +120,6 @@ def _cache_nar(agent: AgentProcess, root: str) -> str:
     return "/" + url
 
 
-def _open_files(agent: AgentProcess) -> int:
-    assert agent.proc is not None
-    return len(os.listdir(f"/proc/{agent.proc.pid}/fd"))
-
-
 def _nofile_limits(agent: AgentProcess) -> tuple[int, int]:
     assert agent.proc is not None
     line = next(ln for ln in Path(f"/proc/{agent.proc.pid}/limits").read_text().splitlines()
@@ -149,7 +144,7 @@ def test_a_thousand_idle_connections_starve_nothing_and_are_closed(
     idle = _connect_many(agent.port, 1000)
     try:
         _assert_everything_answers(agent, root)
-        assert _open_files(agent) < 256
+        assert agent.open_files() < 256
         # Every idle connection is closed: past the cap at once with a JSON 503, the others
         # after the header timeout.
         assert all(_closed_by_server(s, 3 + 2) for s in idle)
@@ -198,7 +193,7 @@ def test_a_slowloris_of_300_connections_starves_nothing_and_is_closed(
                     s.send(request[second:second + 1] if second < 3 else b"x")
             if second == 2:
                 _assert_everything_answers(agent, root)
-                assert _open_files(agent) < 256
+                assert agent.open_files() < 256
             time.sleep(1)
         assert all(_closed_by_server(s, 2) for s in slow)
         assert agent.metric("flox_node_cache_connections_closed_total", listener="tcp",

@@ -342,3 +342,30 @@ def test_a_client_gone_mid_nar_leaves_the_agent_serving(
         assert _read_response(s, buf)[2] == nar
     assert "nar send failed" not in agent.logs()
     assert "Traceback" not in agent.logs()
+
+
+def test_connections_that_were_sent_nars_leave_no_descriptor_behind(
+        agent: AgentProcess, small_closure: Closure, big_path_closure: Closure) -> None:
+    """Each connection keeps a duplicate of its socket from its first NAR on, and a NAR's file
+    is open while it is sent: all of them are closed however the connection ends."""
+    small_narinfo, small_nar = _commit(agent, hash_part(small_closure.roots[0]))
+    big_narinfo, big_nar = _commit(agent, hash_part(big_path_closure.roots[0]))
+    time.sleep(0.5)  # the agent has seen those connections close
+    before = agent.open_files()
+    for n in range(12):
+        s = _connect(agent)
+        buf = bytearray()
+        s.sendall(_get(_nar_url(small_narinfo)))  # one the socket takes whole, at once
+        assert _read_response(s, buf)[2] == small_nar
+        if n % 3 == 1:  # then a large one, read whole
+            s.sendall(_get(_nar_url(big_narinfo)))
+            assert _read_response(s, buf)[2] == big_nar
+        elif n % 3 == 2:  # then a large one given up mid-body
+            s.sendall(_get(_nar_url(big_narinfo)))
+            s.recv(4096)
+        s.close()
+    deadline = time.monotonic() + 10
+    while agent.open_files() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent.open_files() <= before
+    assert "Traceback" not in agent.logs()

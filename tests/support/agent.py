@@ -86,6 +86,11 @@ class AgentProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def open_files(self) -> int:
+        """How many descriptors the agent process holds."""
+        assert self.proc is not None
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
