@@ -50,6 +50,30 @@ class CpuMeter:
         self.seconds = sum(max(0.0, cpu_seconds(p) - t) for p, t in self._start.items())
 
 
+def host_ticks() -> tuple[int, int]:
+    """(steal, total) clock ticks of every CPU since boot, from /proc/stat's first line: user,
+    nice, system, idle, iowait, irq, softirq, steal (guest time is counted in user)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return fields[7], sum(fields)
+
+
+class StealMeter:
+    """The share of this machine's CPU time its host (hypervisor) took for others inside the
+    `with` block: rounds measured while it was high compare the neighbours, not the servers."""
+
+    def __init__(self) -> None:
+        self.fraction = 0.0
+        self._start = (0, 0)
+
+    def __enter__(self) -> StealMeter:
+        self._start = host_ticks()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        steal, total = (now - then for now, then in zip(host_ticks(), self._start, strict=True))
+        self.fraction = steal / total if total else 0.0
+
+
 class RssSampler:
     """Samples VmRSS of a process every `every` seconds in a thread; keeps the maximum."""
 

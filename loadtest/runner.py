@@ -15,9 +15,12 @@ from pathlib import Path
 from loadtest import closures
 from loadtest import load as ld
 from loadtest.closures import Caches, Environments, Profile
+from loadtest.procstat import StealMeter
 from loadtest.report import Measurement
 from tests.support.agent import AgentProcess
 from tests.support.upstream import UpstreamServer
+
+STEAL_NOTE = 0.03  # a scenario during which the host took more CPU than this gets a note
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Run:
     out: list[Measurement] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each scenario
+    steal: dict[str, float] = field(default_factory=dict)  # the host's share of CPU, each
 
     @property
     def keys(self) -> list[str]:
@@ -133,9 +137,15 @@ async def run(opts: Options, envs: Environments, caches: Caches, scenarios: list
         try:
             for mode in opts.modes:
                 for s in scenarios:
-                    started = time.monotonic()
-                    await s.run(r, mode)
-                    r.seconds[f"{s.name} ({mode})"] = round(time.monotonic() - started, 1)
+                    started, name = time.monotonic(), f"{s.name} ({mode})"
+                    with StealMeter() as steal:
+                        await s.run(r, mode)
+                    r.seconds[name] = round(time.monotonic() - started, 1)
+                    r.steal[name] = round(steal.fraction, 3)
+                    if steal.fraction > STEAL_NOTE:
+                        r.notes.append(f"{name}: the host took {steal.fraction:.0%} of this "
+                                       "machine's CPU time (steal): its figures measure the "
+                                       "neighbours as much as the servers; rerun when quiet")
                     done(r)
         finally:
             shutil.rmtree(opts.workdir / "tmp", ignore_errors=True)

@@ -4,6 +4,7 @@ CPU time read from /proc. Synthetic samples: what is tested is the arithmetic an
 import asyncio
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,7 +16,7 @@ from loadtest.compare import (
     interleave,
     pair_ratios,
 )
-from loadtest.procstat import CpuMeter, cpu_seconds
+from loadtest.procstat import CpuMeter, StealMeter, cpu_seconds, host_ticks
 from loadtest.report import Measurement, fmt_spread, markdown
 
 AT_MOST_1_1 = Target("<=", 1.1, on_ratio=True)
@@ -149,3 +150,12 @@ def test_cpu_meter_charges_the_process_its_own_cpu_time() -> None:
             p.kill()
             p.wait()
     assert cpu_seconds(busy.pid) == 0.0  # gone: nothing to read
+
+
+def test_steal_is_a_share_of_the_machine_s_cpu_time() -> None:
+    steal, total = host_ticks()
+    assert 0 <= steal <= total and total > 0
+    with StealMeter() as meter:
+        time.sleep(0.2)  # clock ticks advance on every CPU, idle or not
+    assert 0.0 <= meter.fraction <= 1.0
+    assert host_ticks()[1] > total

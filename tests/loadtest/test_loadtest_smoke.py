@@ -180,3 +180,6 @@ def test_one_scenario_runs_alone(tmp_path: Path) -> None:
     assert {m["scenario"] for m in doc["measurements"]} == {"NAR throughput"}
     assert all(len(m["samples"]) == 1 for m in doc["measurements"])
     assert any("fewer than 3 rounds" in n for n in doc["notes"])
+    # the host's share of the CPU during the scenario, for a reader to judge the figures by
+    assert list(doc["host_steal"]) == ["throughput (zstd)"]
+    assert 0 <= doc["host_steal"]["throughput (zstd)"] <= 1
