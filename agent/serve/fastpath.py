@@ -6,7 +6,8 @@ costs more than either. serve/listeners.py offers each read that begins a reques
 `Hits.answer` first: a read that is exactly one plain `GET`/`HEAD /<hash>.narinfo` or
 `GET /nar/<file>` over HTTP/1.1, for a narinfo or a committed NAR this store holds, is answered
 here, with the headers, request id, metrics and savings the aiohttp routes give it
-(serve/cache.py). Anything else (another path, a miss, a NAR being fetched, a Range, a body, a
+(serve/cache.py); a NAR's first bytes go out in the same callback (`NarSend.start`). Anything
+else (another path, a miss, a NAR being fetched or whose file is gone, a Range, a body, a
 partial read, pipelined requests, HTTP/1.0, `Connection: close`, an unusual header) returns None
 and goes to aiohttp byte for byte, as if this did not exist: declining is always correct.
 """
