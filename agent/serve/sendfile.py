@@ -181,13 +181,16 @@ def _send_some(out: socket.socket, data: bytes, flags: int) -> int:
         return 0
 
 
+def _head_flags(out: socket.socket) -> int:
+    return socket.MSG_MORE if out.family in (socket.AF_INET, socket.AF_INET6) else 0
+
+
 async def _send_head(out: socket.socket, head: bytes, stall_timeout: float) -> None:
     """The response's headers, on a TCP socket held back (MSG_MORE) to leave in one segment
     with the body's first bytes, as nginx's tcp_nopush does: a segment of their own cost the
     event loop a loopback delivery per NAR (9 % of its samples in a py-spy profile)."""
-    flags = socket.MSG_MORE if out.family in (socket.AF_INET, socket.AF_INET6) else 0
     loop = asyncio.get_running_loop()
-    while head := head[_send_some(out, head, flags):]:
+    while head := head[_send_some(out, head, _head_flags(out)):]:
         await _writable(loop, out.fileno(), stall_timeout)
 
 
@@ -249,12 +252,11 @@ def send_ready(out: socket.socket, head: bytes, fd: int, offset: int, count: int
     (what is left of the head, body bytes sent). Most NARs fit a socket's buffer, and go out
     whole here, with no task or wait. Raises OSError or EOFError as a step does."""
     if head:
-        flags = socket.MSG_MORE if out.family in (socket.AF_INET, socket.AF_INET6) else 0
-        head = head[_send_some(out, head, flags):]
+        head = head[_send_some(out, head, _head_flags(out)):]
         if head:
             return head, 0
     step = min(count, LOOP_STEP)
-    if not _in_memory(fd, offset + step - 1):
+    if not step or not _in_memory(fd, offset + step - 1):
         return head, 0
     return head, _send_step(out.fileno(), fd, offset, count)
 
