@@ -1,23 +1,12 @@
 """Every metric the agent exports, defined in one place.
 
 Names follow Prometheus conventions: one prefix, base units (seconds, bytes), `_total` counters.
-
-The few metrics every cache hit updates are `LoopCounter`s and `LoopHistogram`s: a
-prometheus-client child takes a lock per update (about 1 us per inc, 2 per observe: a tenth of
-a narinfo hit's Python), and these are only ever updated, and scraped (app.py), by the event
-loop's thread.
+The few metrics every cache hit updates are lock-free (agent/loop_metrics.py).
 """
 
-import threading
-from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
-from itertools import accumulate
-from typing import Generic, TypeVar
+from prometheus_client import Counter, Gauge, Histogram, Info
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
-from prometheus_client.utils import floatToGoString
+from agent.loop_metrics import LoopCounter, LoopHistogram
 
 P = "flox_node_cache"
 
@@ -27,96 +16,6 @@ LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 UPSTREAM_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 GIT_LATENCY = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 GC_LATENCY = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
-
-
-
-class _Count:
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-
-class _Distribution:
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # per bucket, the last one +Inf; not cumulative
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
-        self.sum += value
-
-
-C = TypeVar("C", _Count, _Distribution)
-
-
-class _LoopMetric(Collector, Generic[C]):
-    """A labelled metric updated without a lock, by the event loop's thread only. Only a new
-    series takes one (rare: callers resolve their children once), so that a scrape from
-    another thread, as tests do, copies the series without racing their creation."""
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 new_child: Callable[[], C], registry: CollectorRegistry) -> None:
-        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
-        self._new_child = new_child
-        self._children: dict[tuple[str, ...], C] = {}
-        self._lock = threading.Lock()
-        if not self.labelnames:
-            self.labels()  # exported at zero from the start, as prometheus-client's are
-        registry.register(self)
-
-    def labels(self, *values: str) -> C:
-        """The child for these label values (resolve it once, then update it)."""
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        child = self._children.get(values)
-        if child is None:
-            with self._lock:
-                child = self._children.setdefault(values, self._new_child())
-        return child
-
-    def children(self) -> list[tuple[tuple[str, ...], C]]:
-        with self._lock:
-            return list(self._children.items())
-
-
-class LoopCounter(_LoopMetric[_Count]):
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 registry: CollectorRegistry = REGISTRY) -> None:
-        super().__init__(name, documentation, labelnames, _Count, registry)
-
-    def inc(self, amount: float = 1.0) -> None:
-        """inc() of a counter without labels."""
-        self.labels().inc(amount)
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self.children():
-            family.add_metric(values, child.value)
-        yield family
-
-
-class LoopHistogram(_LoopMetric[_Distribution]):
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 buckets: Sequence[float], registry: CollectorRegistry = REGISTRY) -> None:
-        bounds = tuple(sorted(buckets))
-        super().__init__(name, documentation, labelnames, lambda: _Distribution(bounds),
-                         registry)
-        self.les = [floatToGoString(b) for b in (*bounds, float("inf"))]
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self.children():
-            cumulative = list(accumulate(child.counts))
-            family.add_metric(values, list(zip(self.les, cumulative, strict=True)), child.sum)
-        yield family
-
 
 BUILD_INFO = Info(f"{P}_build", "Version of the running agent")
 

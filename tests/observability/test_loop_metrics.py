@@ -7,7 +7,8 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from agent.metrics import LATENCY, LoopCounter, LoopHistogram
+from agent.loop_metrics import LoopCounter, LoopHistogram
+from agent.metrics import LATENCY
 
 # On a bound, between bounds, below the first, past the last, zero.
 OBSERVED = [0.0005, 0.0005, 0.0007, 0.0001, 301.0, 0.0, 2.5, 1e-9, 60.0]
