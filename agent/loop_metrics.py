@@ -46,8 +46,8 @@ C = TypeVar("C", _Count, _Distribution)
 
 class _LoopMetric(Collector, Generic[C]):
     """A labelled metric updated without a lock, by the event loop's thread only. Only a new
-    series takes one (rare: callers resolve their children once), so that a scrape from
-    another thread, as tests do, copies the series without racing their creation."""
+    series takes one (rare), so that a scrape from another thread, as tests do, copies the
+    series without racing their creation."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
                  new_child: Callable[[], C], registry: CollectorRegistry) -> None:
@@ -60,7 +60,7 @@ class _LoopMetric(Collector, Generic[C]):
         registry.register(self)
 
     def labels(self, *values: str) -> C:
-        """The child for these label values (resolve it once, then update it)."""
+        """The child for these label values: a dict lookup, cheap enough per request."""
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
         child = self._children.get(values)

@@ -108,14 +108,9 @@ class ReadThrough:
         # agent, whose own downloads could be waiting for a turn here.
         self._upstream_turns = asyncio.Semaphore(upstream_downloads)
         self._in_use: Counter[str] = Counter()
-        self._counters: dict[tuple[str, str], metrics.Counter] = {}
 
     def _count(self, kind: str, source: str) -> None:
-        # Label lookups cost more than the rest of a narinfo hit: resolve each child once.
-        counter = self._counters.get((kind, source))
-        if counter is None:
-            counter = self._counters[kind, source] = metrics.LOOKUPS.labels(kind, source)
-        counter.inc()
+        metrics.LOOKUPS.labels(kind, source).inc()
 
     # --- narinfo ---------------------------------------------------------------------------
 

@@ -365,9 +365,9 @@ class _Connection(asyncio.Protocol):
             return
         self.busy += 1
         self._sending = self.listener.loop.create_task(self._send(nar, transport, self._out))
-        self._sending.add_done_callback(lambda _: self._sent(nar))
+        self._sending.add_done_callback(lambda _: self._send_ended(nar))
 
-    def _sent(self, nar: NarSend) -> None:
+    def _send_ended(self, nar: NarSend) -> None:
         """The send's task is done, whatever ended it: no thread uses the file or the duplicate
         any more (a thread's step is awaited even on cancellation)."""
         nar.finish()

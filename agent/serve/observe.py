@@ -6,7 +6,6 @@ path (serve/fastpath.py) calls `Answers.record` itself.
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -29,28 +28,18 @@ def endpoint_of(path: str) -> str:
 
 
 class Answers:
-    """One listener's answers. A narinfo hit costs tens of microseconds in all, so the label
-    lookups are resolved once, not per request."""
+    """One listener's answers (the metrics are lock-free: agent/loop_metrics.py)."""
 
     def __init__(self, listener: str) -> None:
         self.listener = listener
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._timers: dict[str, Any] = {}
 
     def record(self, endpoint: str, method: str, code: int, started: float, path: str,
                rid: bytes = b"") -> None:
         """Count an answer begun at `started` (time.monotonic()); `rid` when the request id is
         not in the logging context (the fast path)."""
         elapsed = time.monotonic() - started
-        counter = self._counters.get((endpoint, method, code))
-        if counter is None:
-            counter = self._counters[endpoint, method, code] = metrics.HTTP_REQUESTS.labels(
-                self.listener, endpoint, method, str(code))
-        counter.inc()
-        timer = self._timers.get(endpoint)
-        if timer is None:
-            timer = self._timers[endpoint] = metrics.HTTP_DURATION.labels(endpoint)
-        timer.observe(elapsed)
+        metrics.HTTP_REQUESTS.labels(self.listener, endpoint, method, str(code)).inc()
+        metrics.HTTP_DURATION.labels(endpoint).observe(elapsed)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request", extra={"fields": {
                 "listener": self.listener, "method": method, "path": path, "status": code,
