@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import gc
 import grp
 import logging
 import os
@@ -242,6 +243,14 @@ async def _background(stack: AsyncExitStack,
     stack.push_async_callback(cancel)
 
 
+def _freeze_startup_heap() -> None:
+    """Take what startup built (modules, classes, the composed parts: ~50,000 objects) out of
+    the garbage collector's reach: it lives as long as the process, and each full collection
+    that walked it held the event loop for 20-30 ms, every request in flight with it."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     _limit_malloc_arenas()
@@ -276,6 +285,7 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         await _listen(stack, metrics_app(parts),
                       lambda r: listeners.tcp_site(r, "metrics", mhost, mport, metrics_limits))
         await _background(stack, parts.background)
+        _freeze_startup_heap()
         log.info("agent ready", extra={"fields": {
             "store": str(config.store), "socket": str(config.socket), "listen": config.listen,
             "metrics": config.metrics_listen, "upstreams": list(config.upstreams),

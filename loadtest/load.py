@@ -6,13 +6,15 @@ Every loop is bounded in count and in time; all load goes to 127.0.0.1 or a Unix
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import queue
 import resource
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,20 @@ from loadtest.report import percentiles
 from tests.support.agent import AgentProcess
 from tests.support.nixenv import hash_part, run_nix_async
 from tests.support.upstream import UpstreamServer
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection in the load generator while it measures: a full pass over this
+    process's heap takes tens of milliseconds, and every request scheduled meanwhile would be
+    charged to the server as latency (the open loop counts from the scheduled send)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
 
 # --- narinfo storms --------------------------------------------------------------------------
 

@@ -170,7 +170,7 @@ def _served(pids: Pids, measure: Callable[[], Measured | Awaitable[Measured]],
             figure: Callable[[Measured], float], requests: Callable[[Measured], int]) -> Variant:
     """A variant that runs `measure` against a server and charges it the server's CPU."""
     async def one() -> Sample:
-        with CpuMeter(pids) as cpu:
+        with CpuMeter(pids) as cpu, ld.gc_paused():
             m = measure()
             if inspect.isawaitable(m):
                 m = await m
