@@ -4,7 +4,10 @@ wall-clock rates) and resident memory."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -72,6 +75,39 @@ class StealMeter:
     def __exit__(self, *exc: object) -> None:
         steal, total = (now - then for now, then in zip(host_ticks(), self._start, strict=True))
         self.fraction = steal / total if total else 0.0
+
+
+# Sleeps 1 ms at a time until its stdin closes, then prints how late each wake-up was (ms).
+_HICCUP_PROBE = """
+import json, select, sys, time
+late = []
+while True:
+    t = time.perf_counter()
+    if select.select([sys.stdin], [], [], 0.001)[0]:
+        break
+    late.append((time.perf_counter() - t - 0.001) * 1000)
+print(json.dumps(late))
+"""
+
+
+class HiccupMeter:
+    """How late this machine wakes a process that sleeps 1 ms, inside the `with` block (the idea
+    of jHiccup): latency no server can beat here. A process of its own, so that neither the load
+    generator's work nor its GIL is in it. `late_ms`: one value per wake-up."""
+
+    def __init__(self) -> None:
+        self.late_ms: list[float] = []
+        self._probe: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> HiccupMeter:
+        self._probe = subprocess.Popen([sys.executable, "-c", _HICCUP_PROBE], text=True,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._probe is not None
+        out, _ = self._probe.communicate(timeout=30)
+        self.late_ms = json.loads(out) if self._probe.returncode == 0 else []
 
 
 class RssSampler:
