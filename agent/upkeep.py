@@ -93,9 +93,6 @@ class Upkeep:
     def chores(self) -> list[Chore]:
         store, cfg = self.store, self.config
 
-        async def flush_access() -> None:
-            store.flush_access()
-
         async def disk() -> None:
             await store.run_io(store.check_disk_recovered)
 
@@ -110,7 +107,7 @@ class Upkeep:
             await self.scrub()
 
         # Separate chores: one that fails (a full disk) never skips the others.
-        chores = [Chore("access", ACCESS_FLUSH_INTERVAL, flush_access),
+        chores = [Chore("access", ACCESS_FLUSH_INTERVAL, store.flush_access),
                   Chore("disk", cfg.gc_interval, disk),
                   Chore("drop_replaced", cfg.gc_interval, drop_replaced),
                   Chore("forget_pending", cfg.gc_interval, forget_pending),

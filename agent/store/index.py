@@ -103,6 +103,14 @@ class EnvironmentRow:
     walked: bool  # closure is the whole closure (a finished walk), not only its roots
 
 
+@dataclass(frozen=True)
+class Access:
+    """Last uses not yet written: NAR file or narinfo hash part -> time."""
+
+    nars: dict[str, float]
+    narinfos: dict[str, float]
+
+
 def _locked(method):  # type: ignore[no-untyped-def]
     """Serialise access: the event loop and the commit worker threads share one connection."""
     @functools.wraps(method)
@@ -143,11 +151,14 @@ class Index:
         # Last-access updates are batched: a hit must not cost a write transaction.
         self._touched_nars: dict[str, float] = {}
         self._touched_narinfos: dict[str, float] = {}
+        self._writing: Access | None = None  # taken, not yet written: still counts
 
     @_locked
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.OperationalError):  # a full disk: the times are lost
-            self.flush_access()
+        taken = self.take_access()
+        if taken is not None:
+            with contextlib.suppress(sqlite3.OperationalError):  # a full disk: the times are lost
+                self.write_access(taken)
         self.db.close()
 
     @contextmanager
@@ -171,16 +182,22 @@ class Index:
         cached = self._cache.get(hash_part)
         return cached if cached is not None else self._narinfo(hash_part)
 
-    @_locked
     def _drop_cache_if_changed_elsewhere(self) -> None:
         """Another process (`flox-node-cache verify --repair`) may have removed entries: SQLite's
-        data_version changes only for commits of other connections. Checked once a second."""
-        self._next_check = time.monotonic() + 1.0
-        version = self.db.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._data_version:
-            self._data_version = version
-            self._cache.clear()
-            self._nar_cache.clear()
+        data_version changes only for commits of other connections. Checked once a second, by
+        the hit path: when a worker thread holds the index (a commit, an eviction pass), the
+        check waits for the next hit rather than hold the event loop."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._next_check = time.monotonic() + 1.0
+            version = self.db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:
+                self._data_version = version
+                self._cache.clear()
+                self._nar_cache.clear()
+        finally:
+            self._lock.release()
 
     @_locked
     def _narinfo(self, hash_part: str) -> NarInfoRow | None:
@@ -358,22 +375,38 @@ class Index:
         if nar_file:
             self._touched_nars[nar_file] = now
 
-    @_locked
-    def flush_access(self) -> None:
+    def take_access(self) -> Access | None:
+        """The uses recorded since the last take, to write with `write_access` (in the thread
+        of the caller of `touch`, the event loop: only it changes the batches)."""
         if not (self._touched_nars or self._touched_narinfos):
-            return
-        nars, infos = self._touched_nars, self._touched_narinfos
+            return None
+        taken = self._writing = Access(self._touched_nars, self._touched_narinfos)
         self._touched_nars, self._touched_narinfos = {}, {}
-        try:
-            with self.transaction() as db:
-                db.executemany("UPDATE nars SET last_access = ? WHERE file = ?",
-                               [(t, f) for f, t in nars.items()])
-                db.executemany("UPDATE narinfos SET last_access = ? WHERE hash = ?",
-                               [(t, h) for h, t in infos.items()])
-        except sqlite3.OperationalError:  # a full disk: kept for the next flush
-            self._touched_nars = {**nars, **self._touched_nars}
-            self._touched_narinfos = {**infos, **self._touched_narinfos}
-            raise
+        return taken
+
+    def restore_access(self, taken: Access) -> None:
+        """Give back uses that could not be written (a full disk), to be written next time;
+        uses recorded since win."""
+        self._touched_nars = {**taken.nars, **self._touched_nars}
+        self._touched_narinfos = {**taken.narinfos, **self._touched_narinfos}
+        self._writing = None
+
+    @_locked
+    def write_access(self, taken: Access) -> None:
+        with self.transaction() as db:
+            db.executemany("UPDATE nars SET last_access = ? WHERE file = ?",
+                           [(t, f) for f, t in taken.nars.items()])
+            db.executemany("UPDATE narinfos SET last_access = ? WHERE hash = ?",
+                           [(t, h) for h, t in taken.narinfos.items()])
+        self._writing = None
+
+    def _unwritten(self) -> Access:
+        """Uses not yet in the index: those being written, then newer ones. (Copies, each one
+        step under the GIL: the event loop adds uses meanwhile.)"""
+        nars, narinfos = dict(self._touched_nars), dict(self._touched_narinfos)
+        if (writing := self._writing) is not None:
+            nars, narinfos = {**writing.nars, **nars}, {**writing.narinfos, **narinfos}
+        return Access(nars, narinfos)
 
     # --- totals ----------------------------------------------------------------------------
 
@@ -487,8 +520,9 @@ class Index:
             "FROM narinfos i WHERE i.nar_file = n.file), 0)) FROM nars n WHERE committed = 1 "
             "AND NOT EXISTS (SELECT 1 FROM narinfos i JOIN pins p ON p.hash = i.hash "
             "WHERE i.nar_file = n.file)").fetchall()
-        recent = dict(self._touched_nars)
-        for hash_part, t in self._touched_narinfos.items():
+        unwritten = self._unwritten()
+        recent = unwritten.nars
+        for hash_part, t in unwritten.narinfos.items():
             info = self._cache.get(hash_part) or self._narinfo(hash_part)
             if info is not None:
                 recent[info.nar_file] = max(t, recent.get(info.nar_file, 0.0))

@@ -147,11 +147,17 @@ class Store:
     def touch_nar(self, file: str) -> None:
         self._index.touch(nar_file=file)
 
-    def flush_access(self) -> None:
+    async def flush_access(self) -> None:
+        """Write the uses recorded since the last flush, in a worker thread: the write waits for
+        the index's lock, which a commit or an eviction pass may hold for a while."""
+        taken = self._index.take_access()
+        if taken is None:
+            return
         try:
-            self._index.flush_access()
-        except sqlite3.OperationalError as e:
-            if not out_of_space(e):
+            await self.run_io(self._index.write_access, taken)
+        except BaseException as e:  # kept for the next flush (again, if cancelled mid-write)
+            self._index.restore_access(taken)
+            if not (isinstance(e, sqlite3.OperationalError) and out_of_space(e)):
                 raise
             self.set_disk_full(True)
 

@@ -1,8 +1,12 @@
 """The SQLite index on its own: pending rows, the narinfo cache, stale pending cleanup."""
 
+import sqlite3
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from agent.nix.hashes import Hash
 from agent.store.index import Index, NarRow, PathFields
@@ -15,6 +19,16 @@ def _rows(n: int, committed: bool = False) -> tuple[NarRow, PathFields]:
                  "nar/x", False)
     info = PathFields(h, f"/nix/store/{h}-p{n}", "NarSize: 100\n", (), committed)
     return nar, info
+
+
+def _two_committed(index: Index) -> None:
+    """Entries 5 then 6, committed in that order (6 is the more recent)."""
+    for n in (5, 6):
+        nar, info = _rows(n)
+        index.put_pending(nar, info)
+        index.mark_nar_committed(nar.file, 50)
+        index.mark_narinfo_committed(info.hash)
+        time.sleep(0.01)
 
 
 def test_stale_pending_rows_are_forgotten_and_committed_ones_kept(tmp_path: Path) -> None:
@@ -86,8 +100,6 @@ def test_a_served_narinfo_takes_its_file_fields_from_its_nar(tmp_path: Path) -> 
 def test_an_index_of_version_0_keeps_only_path_fields_after_migration(tmp_path: Path) -> None:
     """Stores written by 0.1 kept the whole served narinfo text: it is served the same after
     the migration."""
-    import sqlite3
-
     from agent.store.index import SCHEMA
 
     path = tmp_path / "index.sqlite"
@@ -113,23 +125,73 @@ def test_eviction_order_needs_no_write_and_counts_unflushed_uses(tmp_path: Path)
     """On a full disk the access-time flush fails: eviction must still find its candidates,
     in the order the uses (still in memory) say."""
     index = Index(tmp_path / "index.sqlite")
-    for n in (5, 6):
-        nar, info = _rows(n)
-        index.put_pending(nar, info)
-        index.mark_nar_committed(nar.file, 50)
-        index.mark_narinfo_committed(info.hash)
-        time.sleep(0.01)
+    _two_committed(index)
     assert index.narinfo_row(_rows(5)[1].hash) is not None
     index.touch(hash_part=_rows(5)[1].hash)  # the older entry was just used
     index.db.execute("PRAGMA query_only = ON")  # any write now fails, as on a full disk
     assert [n.file for n in index.eviction_candidates()] == [_rows(6)[0].file, _rows(5)[0].file]
 
 
+def test_uses_on_their_way_to_the_disk_still_order_eviction(tmp_path: Path) -> None:
+    """A flush takes the uses in the event loop and writes them in a worker thread: in
+    between, and after a failed write, eviction still counts them."""
+    index = Index(tmp_path / "index.sqlite")
+    _two_committed(index)
+    used = _rows(5)[1].hash
+    index.touch(hash_part=used)
+    taken = index.take_access()
+    assert taken is not None and set(taken.narinfos) == {used}
+    newest_first = [_rows(6)[0].file, _rows(5)[0].file]
+    assert [n.file for n in index.eviction_candidates()] == newest_first
+    index.db.execute("PRAGMA query_only = ON")  # the write fails, as on a full disk
+    with pytest.raises(sqlite3.OperationalError):
+        index.write_access(taken)
+    index.restore_access(taken)
+    assert [n.file for n in index.eviction_candidates()] == newest_first
+    index.db.execute("PRAGMA query_only = OFF")
+    time.sleep(0.01)
+    index.touch(hash_part=used)  # used again before the next flush: the newer time wins
+    again = index.take_access()
+    assert again is not None and again.narinfos[used] > taken.narinfos[used]
+    index.write_access(again)
+    assert index.take_access() is None
+    assert [n.file for n in index.eviction_candidates()] == newest_first  # now from the disk
+
+
+def test_a_hit_never_waits_for_a_worker_holding_the_index(tmp_path: Path) -> None:
+    """The hit path's once-a-second check for other processes' changes needs the index's
+    lock: while a worker thread holds it (a commit, an eviction pass), a cached hit is answered
+    without the check, which runs at a later hit."""
+    index = Index(tmp_path / "index.sqlite")
+    _two_committed(index)
+    hash_part = _rows(5)[1].hash
+    assert index.narinfo_row(hash_part) is not None  # cached
+    holding, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with index.transaction():
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        index._next_check = 0.0  # the check is due
+        start = time.monotonic()
+        assert index.narinfo_row(hash_part) is not None
+        assert time.monotonic() - start < 1.0
+    finally:
+        release.set()
+        thread.join()
+    index._next_check = 0.0
+    index.narinfo_row(hash_part)
+    assert index._next_check > time.monotonic()  # the lock was free: checked
+
+
 def test_an_index_of_version_1_learns_which_closures_were_walked(tmp_path: Path) -> None:
     """Environments recorded before version 2 did not say whether their closure was walked:
     they read as not walked (a restart walks them once more), read-only as well."""
-    import sqlite3
-
     from agent.store.index import SCHEMA
 
     path = tmp_path / "index.sqlite"

@@ -1,7 +1,9 @@
 """The store facade on its own: one copy per NAR, and correct file fields when deduplicating."""
 
+import asyncio
 import hashlib
 import lzma
+import threading
 from pathlib import Path
 
 from agent.nix.hashes import Hash
@@ -54,3 +56,34 @@ def test_a_listing_lives_as_long_as_some_encoding_of_its_nar(tmp_path: Path) -> 
     store.remove_nar(row.nar_file)
     assert store.read_listing("c" * 32) is None
     assert not any(store.layout.listing_dir.iterdir())
+
+
+async def test_an_access_flush_waits_for_the_index_in_a_worker_not_in_the_event_loop(
+        tmp_path: Path) -> None:
+    """Uses are written every few seconds; when a worker holds the index (here a transaction
+    plays a commit's part) the write waits for it in a thread, and hits go on meanwhile."""
+    store = Store(tmp_path / "store")
+    row = _fetched(store, "d")
+    assert store.narinfo_row(row.hash) is not None
+    store.touch_narinfo(row.hash)
+    holding, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with store._index.transaction():
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        flush = asyncio.create_task(store.flush_access())
+        await asyncio.sleep(0.2)  # returns: the event loop is not held
+        assert not flush.done()
+        assert store.narinfo_row(row.hash) is not None  # a hit meanwhile
+    finally:
+        release.set()
+        thread.join()
+    await flush
+    assert store._index.take_access() is None  # written
+    store.close()
