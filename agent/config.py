@@ -174,8 +174,9 @@ class Config:
     prefetch_concurrency: int = setting(8, "parallel fetches per prewarm", metavar="N",
                                         at_least=1)
     upstream_downloads: int = setting(
-        16, "NAR downloads from the upstreams at once (each holds a decoder of up to 80 MiB, "
-        "8 MiB for xz -6); more wait for a turn", metavar="N", at_least=1)
+        16, "NAR downloads from the upstreams at once, and as many uncached streams (a full "
+        "disk; each holds a decoder of up to 80 MiB, 8 MiB for xz -6); more wait for a turn",
+        metavar="N", at_least=1)
     floxhub_git_url: str = setting("https://api.flox.dev/git", "FloxHub git base; remotes are "
                                    "URL/<owner>/floxmeta", metavar="URL", check=_url_check)
     floxhub_token_file: Path | None = setting(

@@ -36,8 +36,9 @@ SERVED_BYTES = LoopCounter(f"{P}_served_bytes_total",
 COALESCED_WAITERS = Gauge(f"{P}_coalesced_waiters",
                           "Clients currently waiting on a fetch another request started")
 UPSTREAM_DOWNLOADS_WAITING = Gauge(f"{P}_upstream_downloads_waiting",
-                                   "NAR downloads from the upstreams waiting for a turn "
-                                   "(--upstream-downloads run at once)")
+                                   "NAR downloads from the upstreams, and uncached "
+                                   "streams, waiting for a turn (--upstream-downloads of "
+                                   "each run at once)")
 OPEN_CONNECTIONS = Gauge(f"{P}_open_connections", "Client connections open, by listener",
                          ["listener"])
 CONNECTIONS_CLOSED = Counter(f"{P}_connections_closed_total",

@@ -107,6 +107,10 @@ class ReadThrough:
         # the agent's memory under load). Peer downloads take none: they may wait on another
         # agent, whose own downloads could be waiting for a turn here.
         self._upstream_turns = asyncio.Semaphore(upstream_downloads)
+        # As many turns for uncached streams (a full disk, a NAR evicted under a client): each
+        # holds a decoder too. Turns of their own: a stream lasts as long as its client reads,
+        # and a slow client must not hold up the store's downloads.
+        self._stream_turns = asyncio.Semaphore(upstream_downloads)
         self._in_use: Counter[str] = Counter()
 
     def _count(self, kind: str, source: str) -> None:
@@ -306,7 +310,8 @@ class ReadThrough:
                             lambda: source.nar(url, relay=not forwarded), source.name,
                             self._on_committed, verified_only=not source.stream_unverified,
                             on_rejected=refused,
-                            turn=self._upstream_turns if source.kind == "upstream" else None)
+                            turn=self._upstream_turns if source.kind == "upstream" else None,
+                            stream_turn=self._stream_turns)
         self._transfers[row.file] = transfer
         transfer.task.add_done_callback(lambda _: self._transfers.pop(row.file, None))
         return transfer, False
@@ -375,7 +380,8 @@ class NarHandle:
         """A live transfer (or an uncached stream) as it arrives and is verified: spans of
         its file, to send from there, or bytes."""
         if self._uncached is not None:
-            return passthrough(self._owner.store, self.row.expected(), self._uncached)
+            return passthrough(self._owner.store, self.row.expected(), self._uncached,
+                               turn=self._owner._stream_turns)
         assert self.transfer is not None
         return self.transfer.pieces()
 

@@ -5,6 +5,7 @@ Only names this store could have written are looked at (a 32-char nix32 hash, or
 nix32>.nar<ext>); anything else is 404 before any filesystem access.
 """
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -107,13 +108,16 @@ async def _stream(request: web.Request, handle: NarHandle, sender: FileSender) \
     resp = web.StreamResponse(headers=_nar_headers(handle.size))
     await resp.prepare(request)
     try:
-        async for piece in handle.pieces():
-            if isinstance(piece, Span):
-                await sender.send_request_body(request, piece.fd, piece.offset, piece.count)
-                handle.served += piece.count
-            else:
-                await write_or_stall(resp, piece, sender.stall_timeout)
-                handle.served += len(piece)
+        # Closed at once however this ends: the stream's turn and file go back now.
+        async with contextlib.aclosing(handle.pieces()) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, Span):
+                    await sender.send_request_body(request, piece.fd, piece.offset,
+                                                   piece.count)
+                    handle.served += piece.count
+                else:
+                    await write_or_stall(resp, piece, sender.stall_timeout)
+                    handle.served += len(piece)
     except Exception as e:  # source error, verification failure, store full, stalled client
         # Headers are out: the only honest signal left is a broken connection.
         log.warning("nar stream aborted", extra={"fields": {

@@ -51,14 +51,30 @@ class TransferStore(Protocol):
     def run_io(self, fn: Callable[..., T], *args: object) -> Awaitable[T]: ...
 
 
+@contextlib.asynccontextmanager
+async def turn_taken(turn: asyncio.Semaphore | None) -> AsyncIterator[None]:
+    """Hold one of the `turn`s (None: no limit), counted as waiting until it is free."""
+    if turn is None:
+        yield
+        return
+    with metrics.UPSTREAM_DOWNLOADS_WAITING.track_inprogress():
+        await turn.acquire()
+    try:
+        yield
+    finally:
+        turn.release()
+
+
 class Transfer:
     def __init__(self, store: TransferStore, file: str, expected: Expected, opener: NarOpener,
                  source: str, on_committed: Callable[[str], None], *,
                  verified_only: bool = False, on_rejected: OnRejected | None = None,
-                 turn: asyncio.Semaphore | None = None) -> None:
+                 turn: asyncio.Semaphore | None = None,
+                 stream_turn: asyncio.Semaphore | None = None) -> None:
         """`verified_only`: clients read nothing before the whole file is verified (a source
         not trusted to stream, a peer); `on_rejected` runs after a verification failure,
-        before the clients are told; `turn`: held from opening the source to the commit."""
+        before the clients are told; `turn`: held from opening the source to the commit;
+        `stream_turn`: held by each client's own uncached stream once the store failed."""
         self.store = store
         self.file = file
         self.expected = expected
@@ -80,6 +96,7 @@ class Transfer:
         self._tmp: Path | None = None
         self._readers = 0
         self._turn = turn
+        self._stream_turn = stream_turn
         self.task = asyncio.ensure_future(self._run())
 
     def _notify(self) -> None:
@@ -90,7 +107,7 @@ class Transfer:
         start = time.monotonic()
         fields = {"source": self.source, "file": self.file}
         try:
-            async with self._turn_taken():
+            async with turn_taken(self._turn):
                 await self._download()
             self.visible = self.written
             log.info("nar fetched", extra={"fields": {
@@ -116,18 +133,6 @@ class Transfer:
                 self._tmp.unlink(missing_ok=True)
             self._release()
             self._notify()
-
-    @contextlib.asynccontextmanager
-    async def _turn_taken(self) -> AsyncIterator[None]:
-        if self._turn is None:
-            yield
-            return
-        with metrics.UPSTREAM_DOWNLOADS_WAITING.track_inprogress():
-            await self._turn.acquire()
-        try:
-            yield
-        finally:
-            self._turn.release()
 
     async def _download(self) -> None:
         """Fetch, verify and commit (or keep uncached when the store has no room)."""
@@ -210,7 +215,8 @@ class Transfer:
                 elif self.store_error is not None:
                     # The store cannot hold it: this client gets its own uncached stream.
                     async for data in passthrough(self.store, self.expected, self._open,
-                                                  skip=pos, on_rejected=self._on_rejected):
+                                                  skip=pos, on_rejected=self._on_rejected,
+                                                  turn=self._stream_turn):
                         yield data
                     return
                 elif self.done:
@@ -235,26 +241,28 @@ class Span:
 
 
 async def passthrough(store: TransferStore, expected: Expected, opener: NarOpener,
-                      skip: int = 0, on_rejected: OnRejected | None = None) \
-        -> AsyncIterator[bytes]:
+                      skip: int = 0, on_rejected: OnRejected | None = None,
+                      turn: asyncio.Semaphore | None = None) -> AsyncIterator[bytes]:
     """Stream a NAR from its source without caching, verified like any other transfer: the
-    last chunk is held back until the whole file matched."""
-    verifier = NarVerifier(expected)
-    pos = 0
-    held = b""
-    async with opener() as chunks:
-        async for chunk in chunks:
-            await store.run_io(verifier.update, chunk)
-            out, held = held, chunk
-            if pos + len(out) > skip:
-                yield out[max(0, skip - pos):]
-            pos += len(out)
-    try:
-        await store.run_io(verifier.finish)
-    except VerificationError as e:
-        metrics.VERIFY_FAILURES.labels(e.reason).inc()
-        if on_rejected:
-            await on_rejected(e.reason)
-        raise
-    if pos + len(held) > skip:
-        yield held[max(0, skip - pos):]
+    last chunk is held back until the whole file matched. `turn` is held throughout: each
+    stream holds a decoder (and an encoder when re-encoding), so their number is bounded."""
+    async with turn_taken(turn):
+        verifier = NarVerifier(expected)
+        pos = 0
+        held = b""
+        async with opener() as chunks:
+            async for chunk in chunks:
+                await store.run_io(verifier.update, chunk)
+                out, held = held, chunk
+                if pos + len(out) > skip:
+                    yield out[max(0, skip - pos):]
+                pos += len(out)
+        try:
+            await store.run_io(verifier.finish)
+        except VerificationError as e:
+            metrics.VERIFY_FAILURES.labels(e.reason).inc()
+            if on_rejected:
+                await on_rejected(e.reason)
+            raise
+        if pos + len(held) > skip:
+            yield held[max(0, skip - pos):]

@@ -264,6 +264,36 @@ async def test_upstream_downloads_wait_for_a_turn_and_peer_downloads_take_none(
         rt.store.close()
 
 
+async def test_uncached_streams_wait_for_turns_of_their_own(store: Store) -> None:
+    """NARs evicted after clients read their narinfos are streamed again, uncached, each with
+    a decoder: at most --upstream-downloads at once, on turns that the store's downloads do
+    not share, so streams held open by slow clients never hold up a download."""
+    entries = {c * 32: _entry(c, c.encode() * 20_000) for c in "pqrs"}
+    up = FakeSource("up", dict(entries))
+    rt = _readthrough(store, up, upstream_downloads=2)
+    files = [(await rt.narinfo(h)).row.nar_file for h in entries]
+    evicted, stored = files[:3], files[3]
+    for file in evicted:
+        await rt.fetch_nar(file)
+        store.remove_nar(file)
+    up.gate = asyncio.Event()
+    asked = len(up.nar_calls)
+    streams = [asyncio.create_task(_read_all(rt, f)) for f in evicted]
+    await asyncio.sleep(0.1)
+    assert len(up.nar_calls) == asked + 2  # two streams open at the source, one waits
+    assert REGISTRY.get_sample_value("flox_node_cache_upstream_downloads_waiting") == 1
+    download = asyncio.create_task(rt.fetch_nar(stored))
+    await asyncio.sleep(0.1)
+    assert len(up.nar_calls) == asked + 3  # the download did not wait for the streams
+    up.gate.set()
+    packed = [p for _, p in entries.values()]
+    assert await asyncio.gather(*streams) == packed[:3]
+    assert await download == len(packed[3])
+    assert len(up.nar_calls) == asked + 4
+    assert REGISTRY.get_sample_value("flox_node_cache_upstream_downloads_waiting") == 0
+    assert all(store.nar_row(f) is None for f in evicted)  # streamed, not cached
+
+
 async def test_a_committed_nar_is_in_use_while_its_handle_is_open(store: Store) -> None:
     info, packed = _entry("g", b"y" * 1000)
     rt = _readthrough(store, FakeSource("up", {"g" * 32: (info, packed)}))
