@@ -3,10 +3,13 @@
 import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from agent.store.index import Index
 
 
 @pytest.fixture
@@ -38,3 +41,24 @@ def fill(mnt: Path, name: str = "filler") -> Path:
         os.close(fd)
     assert os.statvfs(mnt).f_bavail == 0
     return path
+
+
+@contextlib.contextmanager
+def held_by_a_worker(index: Index) -> Iterator[None]:
+    """The index's lock held by another thread (a transaction, as a commit or an eviction pass
+    holds it) until the block ends."""
+    holding, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with index.transaction():
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        yield
+    finally:
+        release.set()
+        thread.join()

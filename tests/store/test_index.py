@@ -1,7 +1,6 @@
 """The SQLite index on its own: pending rows, the narinfo cache, stale pending cleanup."""
 
 import sqlite3
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 
 from agent.nix.hashes import Hash
 from agent.store.index import Index, NarRow, PathFields
+from tests.store.conftest import held_by_a_worker
 
 
 def _rows(n: int, committed: bool = False) -> tuple[NarRow, PathFields]:
@@ -166,24 +166,11 @@ def test_a_hit_never_waits_for_a_worker_holding_the_index(tmp_path: Path) -> Non
     _two_committed(index)
     hash_part = _rows(5)[1].hash
     assert index.narinfo_row(hash_part) is not None  # cached
-    holding, release = threading.Event(), threading.Event()
-
-    def worker() -> None:
-        with index.transaction():
-            holding.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    try:
-        assert holding.wait(10)
+    with held_by_a_worker(index):
         index._next_check = 0.0  # the check is due
         start = time.monotonic()
         assert index.narinfo_row(hash_part) is not None
         assert time.monotonic() - start < 1.0
-    finally:
-        release.set()
-        thread.join()
     index._next_check = 0.0
     index.narinfo_row(hash_part)
     assert index._next_check > time.monotonic()  # the lock was free: checked

@@ -3,7 +3,6 @@
 import asyncio
 import hashlib
 import lzma
-import threading
 from pathlib import Path
 
 from agent.nix.hashes import Hash
@@ -12,6 +11,7 @@ from agent.nix.narinfo import parse as parse_narinfo
 from agent.nix.storepath import StorePath
 from agent.store.index import NarInfoRow
 from agent.store.store import Store
+from tests.store.conftest import held_by_a_worker
 
 
 def _info(hash_char: str, nar: bytes) -> NarInfo:
@@ -66,24 +66,11 @@ async def test_an_access_flush_waits_for_the_index_in_a_worker_not_in_the_event_
     row = _fetched(store, "d")
     assert store.narinfo_row(row.hash) is not None
     store.touch_narinfo(row.hash)
-    holding, release = threading.Event(), threading.Event()
-
-    def worker() -> None:
-        with store._index.transaction():
-            holding.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    try:
-        assert holding.wait(10)
+    with held_by_a_worker(store._index):
         flush = asyncio.create_task(store.flush_access())
         await asyncio.sleep(0.2)  # returns: the event loop is not held
         assert not flush.done()
         assert store.narinfo_row(row.hash) is not None  # a hit meanwhile
-    finally:
-        release.set()
-        thread.join()
     await flush
     assert store._index.take_access() is None  # written
     store.close()
