@@ -213,11 +213,13 @@ class Transfer:
                     pos = self.visible
                     yield span
                 elif self.store_error is not None:
-                    # The store cannot hold it: this client gets its own uncached stream.
-                    async for data in passthrough(self.store, self.expected, self._open,
-                                                  skip=pos, on_rejected=self._on_rejected,
-                                                  turn=self._stream_turn):
-                        yield data
+                    # The store cannot hold it: this client gets its own uncached stream
+                    # (closed with this iteration, so that its turn goes back at once).
+                    stream = passthrough(self.store, self.expected, self._open, skip=pos,
+                                         on_rejected=self._on_rejected, turn=self._stream_turn)
+                    async with contextlib.aclosing(stream):
+                        async for data in stream:
+                            yield data
                     return
                 elif self.done:
                     if self.error:
