@@ -77,10 +77,12 @@ class StealMeter:
         self.fraction = steal / total if total else 0.0
 
 
-# Sleeps 1 ms at a time until its stdin closes, then prints how late each wake-up was (ms).
+# Says it is ready, sleeps 1 ms at a time until its stdin closes, then prints how late each
+# wake-up was (ms).
 _HICCUP_PROBE = """
 import json, select, sys, time
 late = []
+print("ready", flush=True)
 while True:
     t = time.perf_counter()
     if select.select([sys.stdin], [], [], 0.001)[0]:
@@ -102,7 +104,15 @@ class HiccupMeter:
     def __enter__(self) -> HiccupMeter:
         self._probe = subprocess.Popen([sys.executable, "-c", _HICCUP_PROBE], text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._probe.stdout is not None
+        self._probe.stdout.readline()  # sleeping from here on: the block is measured whole
         return self
+
+    @property
+    def pid(self) -> int:
+        """The probe's process (a test stops it to stand for a stalled machine)."""
+        assert self._probe is not None
+        return self._probe.pid
 
     def __exit__(self, *exc: object) -> None:
         assert self._probe is not None

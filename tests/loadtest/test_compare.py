@@ -2,6 +2,8 @@
 CPU time read from /proc. Synthetic samples: what is tested is the arithmetic and the logic."""
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from loadtest.compare import (
     interleave,
     pair_ratios,
 )
-from loadtest.procstat import CpuMeter, StealMeter, cpu_seconds, host_ticks
+from loadtest.procstat import CpuMeter, HiccupMeter, StealMeter, cpu_seconds, host_ticks
 from loadtest.report import Measurement, fmt_spread, markdown
 
 AT_MOST_1_1 = Target("<=", 1.1, on_ratio=True)
@@ -159,3 +161,16 @@ def test_steal_is_a_share_of_the_machine_s_cpu_time() -> None:
         time.sleep(0.2)  # clock ticks advance on every CPU, idle or not
     assert 0.0 <= meter.fraction <= 1.0
     assert host_ticks()[1] > total
+
+
+def test_the_hiccup_meter_sees_a_process_the_machine_did_not_run() -> None:
+    """A probe stopped for 100 ms (as a descheduled VM would leave it) wakes that much late."""
+    with HiccupMeter() as meter:
+        time.sleep(0.1)
+        os.kill(meter.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        os.kill(meter.pid, signal.SIGCONT)
+        time.sleep(0.1)
+    assert len(meter.late_ms) > 20  # one value per 1 ms sleep
+    assert max(meter.late_ms) >= 80
+    assert sorted(meter.late_ms)[len(meter.late_ms) // 2] < 50  # the others were not stopped
