@@ -36,7 +36,7 @@ def _nodes(r: Run, mode: str, n: int, token: Path | None) -> list[AgentProcess]:
     """N agents, each on its own loopback address (127.0.0.10+i) as on separate nodes; with
     `token`, each knows the others as peers."""
     hosts = [f"127.0.0.{10 + i}" for i in range(n)]
-    peer_ports = [free_port() for _ in hosts]
+    peer_ports = [free_port(h) for h in hosts]
     peers = [a for h, p in zip(hosts, peer_ports, strict=True)
              for a in ("--peer", f"http://{h}:{p}")] if token else []
     agents: list[AgentProcess] = []

@@ -14,11 +14,23 @@ import aiohttp
 
 from tests.support.process import stop_process
 
+_HANDED_OUT: set[int] = set()
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing is bound to on `host` now (checked there when `host` is an address of
+    this network namespace; on 127.0.0.1 otherwise), and never one handed out before: the port
+    stays free only until its user binds it, and two draws before that must not collide."""
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind((host, 0))
+            except OSError:  # an address of another namespace (a test host, netns.py)
+                s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class AgentProcess:
@@ -32,8 +44,8 @@ class AgentProcess:
         self.workdir = workdir
         self.store = store or workdir / "store"
         self.socket = workdir / "run" / "agent.sock"
-        self.port = free_port()
-        self.metrics_port = free_port()
+        self.port = free_port(host)
+        self.metrics_port = free_port(host)
         self.log_path = workdir / "agent.log"
         self.host = host
         self.args = [
