@@ -170,14 +170,17 @@ class Hits:
         if len(target) == _NARINFO_TARGET_LEN and target.endswith(_SUFFIX):
             return self._narinfo(method, target, request_id, start)
         if target.startswith(_NAR_PREFIX) and method == b"GET":
-            file = target[1:].decode()
-            handle = self._readthrough.local_nar(file) if is_nar_file(file) else None
-            path = handle.path if handle is not None else None
-            opened = _opened(path) if path is not None else None
-            if handle is None or opened is None:
-                return None
-            return NarSend(self, handle, *opened, request_id or new_request_id().encode(), start)
+            return self._nar(target[1:].decode(), request_id, start)
         return None
+
+    def _nar(self, file: str, request_id: bytes, start: float) -> NarSend | None:
+        handle = self._readthrough.local_nar(file) if is_nar_file(file) else None
+        if handle is None or (path := handle.path) is None:
+            return None  # not committed here: aiohttp's route reads it through
+        opened = _opened(path)
+        if opened is None:
+            return None  # lost: aiohttp's route forgets it and fetches it again
+        return NarSend(self, handle, *opened, request_id or new_request_id().encode(), start)
 
     def _narinfo(self, method: bytes, target: bytes, request_id: bytes, start: float) \
             -> bytes | None:
