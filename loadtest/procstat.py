@@ -117,7 +117,9 @@ class HiccupMeter:
     def __exit__(self, *exc: object) -> None:
         assert self._probe is not None
         out, _ = self._probe.communicate(timeout=30)
-        self.late_ms = json.loads(out) if self._probe.returncode == 0 else []
+        if self._probe.returncode != 0:  # no figure rather than a lateness of zero
+            raise RuntimeError(f"the hiccup probe exited {self._probe.returncode}")
+        self.late_ms = json.loads(out)
 
 
 class RssSampler:
