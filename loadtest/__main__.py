@@ -10,7 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from loadtest import closures, report, runner
+from loadtest import closures, compare, report, runner
 from loadtest.scenarios import SCENARIOS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +22,9 @@ an uncompressed file:// cache, serves the upstream on loopback with per-request 
 bandwidth, then runs each scenario for each --recompress mode on fresh agents (the real CLI).
 
 Every comparison runs interleaved (A B A B ..., --repeats rounds): a ratio is the median of the
-per-round ratios with their range, and a target is met only when the whole range meets it
-("inconclusive" when the range straddles it). The serving process's CPU time (from
+per-round ratios with a 95 % confidence interval of that median (the range up to 8 rounds; from 9
+the order statistics leave the extremes out), and a target is met only when the whole interval
+meets it ("inconclusive" when it straddles the target). The serving process's CPU time (from
 /proc/<pid>/stat) is reported per request beside the wall-clock rates.
 
 Scenarios (--scenario, default all):
@@ -34,6 +35,15 @@ Prints a table and writes JSON (every sample, baseline, ratio, target, verdict, 
 its load average) and the same table as Markdown beside it. All load goes to 127.0.0.1 or Unix
 sockets; every loop is bounded in count and time. Needs root, nix (nix-bin), nginx
 (/usr/sbin/nginx)."""
+
+
+def _weak_verdicts(repeats: int) -> str:
+    """What a verdict of `repeats` rounds is worth, when less than CONFIDENCE; "" otherwise."""
+    confidence = compare.median_interval(repeats)[1]
+    if confidence >= compare.CONFIDENCE:
+        return ""
+    return (f"--repeats {repeats}: the range of so few rounds bounds a median with "
+            f"{confidence:.0%} confidence; verdicts are indicative (6 rounds reach 95 %)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     a("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
       help="run only this scenario (repeatable; default all): " + ", ".join(SCENARIOS))
     a("--repeats", type=int, default=3, help="interleaved rounds of every comparison "
-      "(default 3; a verdict needs at least 3)")
+      "(default 3, a quick look; a verdict at 95 %% confidence needs at least 6)")
     a("--recompress", default="zstd",
       help="comma-separated agent --recompress modes (zstd, uncompressed, none) to run every "
       "scenario with (default zstd, the agent's default)")
@@ -130,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(args.json, r.out, meta)
         args.json.with_suffix(".md").write_text(report.markdown(r.out))
 
-    if opts.repeats < 3:
-        print(f"note: --repeats {opts.repeats}: fewer than 3 rounds, verdicts are indicative")
+    weak = _weak_verdicts(opts.repeats)
+    if weak:
+        print(f"note: {weak}")
     r = asyncio.run(runner.run(opts, envs, caches, chosen, save))
-    if opts.repeats < 3:
-        r.notes.append(f"--repeats {opts.repeats}: fewer than 3 rounds, verdicts are indicative")
+    if weak:
+        r.notes.append(weak)
     save(r)
     report.print_table(r.out)
     for note in r.notes:

@@ -114,16 +114,20 @@ def _fmt(x: float | None) -> str:
 
 
 def fmt_spread(s: Spread | None, suffix: str = "") -> str:
-    """`median [min-max]`, or the one value of a single sample."""
+    """`median [lo-hi]` (the interval judged), `median [lo-hi; range min-max]` when that is
+    narrower than the range, or the one value of a single sample."""
     if s is None:
         return "-"
-    if s.n == 1 or s.lo == s.hi:
+    if s.n == 1 or s.min == s.max:
         return f"{_fmt(s.median)}{suffix}"
-    return f"{_fmt(s.median)}{suffix} [{_fmt(s.lo)}-{_fmt(s.hi)}]"
+    judged = f"{_fmt(s.lo)}-{_fmt(s.hi)}"
+    if (s.lo, s.hi) != (s.min, s.max):
+        judged += f"; range {_fmt(s.min)}-{_fmt(s.max)}"
+    return f"{_fmt(s.median)}{suffix} [{judged}]"
 
 
-COLUMNS = ("scenario", "measurement", "via", "recompress", "value [min-max]", "unit", "baseline",
-           "baseline value", "ratio [min-max]", "target", "verdict")
+COLUMNS = ("scenario", "measurement", "via", "recompress", "value [spread]", "unit", "baseline",
+           "baseline value", "ratio [spread]", "target", "verdict")
 
 
 def rows(measurements: list[Measurement]) -> list[tuple[str, ...]]:

@@ -16,6 +16,7 @@ from loadtest.compare import (
     Target,
     cpu_per_request_us,
     interleave,
+    median_interval,
     pair_ratios,
 )
 from loadtest.procstat import CpuMeter, HiccupMeter, StealMeter, cpu_seconds, host_ticks
@@ -26,10 +27,33 @@ AT_LEAST_0_7 = Target(">=", 0.7, on_ratio=True)
 
 
 def test_spread_is_median_and_range() -> None:
-    assert Spread.of([3.0, 1.0, 2.0, 10.0]) == Spread(2.5, 1.0, 10.0, 4)
-    assert Spread.of([5.0]) == Spread(5.0, 5.0, 5.0, 1)
+    assert Spread.of([3.0, 1.0, 2.0, 10.0]) == Spread(2.5, 1.0, 10.0, 4, 1.0, 10.0, 0.875)
+    assert Spread.of([5.0]) == Spread(5.0, 5.0, 5.0, 1, 5.0, 5.0, 0.0)
     with pytest.raises(ValueError):
         Spread.of([])
+
+
+@pytest.mark.parametrize(("n", "k", "confidence"), [
+    (3, 1, 0.75), (5, 1, 0.9375), (6, 1, 0.96875), (8, 1, 0.9921875),
+    # 1 - 2 * (C(9,0) + C(9,1)) / 2**9: the 2nd smallest and largest of 9 bound the median.
+    (9, 2, 1 - 2 * 10 / 512), (11, 2, 1 - 2 * 12 / 2048), (12, 3, 1 - 2 * 79 / 4096),
+])
+def test_the_median_interval_is_the_widest_reaching_95_percent(
+        n: int, k: int, confidence: float) -> None:
+    assert median_interval(n) == (k, pytest.approx(confidence))
+
+
+def test_one_outlier_in_nine_rounds_does_not_decide() -> None:
+    # Eight rounds well within 1.1x and one disturbed round: the range straddles the target,
+    # the median's 95 % interval does not.
+    rounds = [0.95, 0.97, 0.99, 1.0, 1.01, 1.02, 1.03, 1.05, 1.4]
+    spread = Spread.of(rounds)
+    assert (spread.lo, spread.hi, spread.min, spread.max) == (0.97, 1.05, 0.95, 1.4)
+    assert AT_MOST_1_1.verdict(spread) == "met"
+    # Two disturbed rounds, one on each side, do not decide either; two on the same side do.
+    assert AT_MOST_1_1.verdict(Spread.of([0.5, *rounds[1:-1], 1.4])) == "met"
+    assert AT_MOST_1_1.verdict(Spread.of([*rounds[:-2], 1.3, 1.4])) == "inconclusive"
+    assert fmt_spread(spread, "x") == "1.01x [0.97-1.05; range 0.95-1.40]"
 
 
 @pytest.mark.parametrize(("target", "samples", "verdict"), [
@@ -89,7 +113,7 @@ def test_measurement_judges_the_per_round_ratio() -> None:
     # Ratio of medians would be 20/10 = 2.0; the rounds say 2.0 every time: met at <= 2.
     m = Measurement("s", "n", [2, 20, 40], "s", baseline_samples=[1, 10, 20],
                     target=Target("<=", 2.0, on_ratio=True))
-    assert m.ratio == Spread(2.0, 2.0, 2.0, 3) and m.verdict == "met"
+    assert m.ratio == Spread(2.0, 2.0, 2.0, 3, 2.0, 2.0, 0.75) and m.verdict == "met"
     noisy = Measurement("s", "n", [1.0, 1.3, 0.9], "s", baseline_samples=[1.0, 1.0, 1.0],
                         target=AT_MOST_1_1)
     assert noisy.value.median == 1.0 and noisy.verdict == "inconclusive"
