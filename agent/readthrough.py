@@ -230,21 +230,19 @@ class ReadThrough:
             self._count("nar", "error")
             raise
         kind = self._source(row).kind
-        source = "coalesced" if joined else kind
-        self._count("nar", source)
-        return NarHandle(self, row, source, transfer, kind)
+        return NarHandle(self, row, "coalesced" if joined else kind, transfer, kind)
 
     def local_nar(self, file: str) -> "NarHandle | None":
         """A committed NAR this store holds, as open_nar gives it; None when the answer needs
         more (a transfer, a source: the HTTP fast path's question, which opens the file and
-        leaves a lost one to open_nar)."""
+        leaves a lost one to open_nar; a handle counts once it is held, so that one is
+        counted once, there)."""
         row = self.store.nar_row(file)
         if row is None or not row.committed:
             return None
         return self._local_handle(row)
 
     def _local_handle(self, row: NarRow) -> "NarHandle":
-        self._count("nar", "local")
         return NarHandle(self, row, "local", None, "local")
 
     async def fetch_nar(self, file: str) -> int:
@@ -276,7 +274,6 @@ class ReadThrough:
             self._count("nar", "not_found")
             raise UnknownNar(file)
         metrics.NAR_REFETCHES.inc()
-        self._count("nar", source.kind)
         url = row.source_url or ""
         opener = in_encoding(lambda: source.nar(url, relay=not forwarded), row.compression,
                              self.recompress_level, self.store.run_io)
@@ -386,7 +383,8 @@ class NarHandle:
         return self.transfer.pieces()
 
     def acquire(self) -> None:
-        """Hold the NAR (as `async with`) until `release`."""
+        """Hold the NAR (as `async with`) until `release`; the lookup counts from here."""
+        self._owner._count("nar", self.source)
         self._owner._acquire(self.row.file)
         if self.transfer is None and self._uncached is None:
             self._owner.store.touch_nar(self.row.file)

@@ -327,6 +327,28 @@ def test_a_request_sent_while_a_nar_is_going_out_waits_for_it(
         assert "server" in _read_response(s, buf)[1]
 
 
+def test_a_nar_whose_file_was_lost_is_fetched_again_and_counted_once(
+        agent: AgentProcess, small_closure: Closure) -> None:
+    narinfo, nar = _commit(agent, hash_part(small_closure.paths[0]))
+    url = _nar_url(narinfo)
+    with _connect(agent) as s:
+        buf = bytearray()
+        s.sendall(_get(url))
+        status, fields, body = _read_response(s, buf)
+        assert (status, body) == (200, nar) and "server" not in fields  # the fast path's
+        (agent.store / url[1:]).unlink()
+        lookups = agent.metric("flox_node_cache_lookups_total", kind="nar")
+        local = agent.metric("flox_node_cache_lookups_total", kind="nar", source="local")
+        s.sendall(_get(url))
+        status, fields, body = _read_response(s, buf)
+        assert (status, body) == (200, nar) and "server" in fields  # declined: aiohttp's
+    # The fast path found the file gone and declined before counting; the route counted the
+    # lookup that answered it, once.
+    assert agent.metric("flox_node_cache_lookups_total", kind="nar") == lookups + 1
+    assert agent.metric("flox_node_cache_lookups_total", kind="nar", source="local") == local
+    assert agent.metric("flox_node_cache_lookups_total", kind="nar", source="upstream") >= 1
+
+
 def test_a_client_gone_mid_nar_leaves_the_agent_serving(
         agent: AgentProcess, big_path_closure: Closure) -> None:
     narinfo, nar = _commit(agent, hash_part(big_path_closure.roots[0]))
