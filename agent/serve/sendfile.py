@@ -128,19 +128,44 @@ def _send_available(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
     return sent
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, sock_fd: int, timeout: float) -> None:
-    """Wait in the event loop, holding no thread, until the client has read some of what was
-    sent; ClientStalled after `timeout` seconds without that."""
-    ready = loop.create_future()
-    loop.add_writer(sock_fd, lambda: ready.done() or ready.set_result(True))
-    # A timer of its own rather than asyncio.wait_for: this runs once per step of every send.
-    timer = loop.call_later(timeout, lambda: ready.done() or ready.set_result(False))
-    try:
-        if not await ready:
-            raise _stalled(timeout)
-    finally:
-        timer.cancel()
-        loop.remove_writer(sock_fd)
+class _Room:
+    """Waits in the event loop, holding no thread, until a client has read some of what was
+    sent to it (`wait`; ClientStalled after `timeout` seconds without that). The socket stays
+    watched from the first wait until `stop`: uvloop closes its poll handle on every
+    remove_writer, and a registration per wait cost about six epoll_ctl calls. Watched
+    (level-triggered) while full, a socket wakes nothing until it has room; with room, only
+    while its sender steps aside for one loop turn."""
+
+    def __init__(self, sock_fd: int, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd, self._timeout = sock_fd, timeout
+        self._waiter: asyncio.Future[bool] | None = None
+        self._watching = False
+
+    def _answer(self, room: bool) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(room)
+
+    async def wait(self) -> None:
+        if not self._watching:
+            self._loop.add_writer(self._fd, self._answer, True)
+            self._watching = True
+        self._waiter = self._loop.create_future()
+        # A timer of its own rather than asyncio.wait_for: this runs once per step of a send.
+        timer = self._loop.call_later(self._timeout, self._answer, False)
+        try:
+            if not await self._waiter:
+                raise _stalled(self._timeout)
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def stop(self) -> None:
+        """Stop watching: before a worker thread sends (a socket with room would wake the loop
+        on every turn meanwhile), and once the send is over, before its descriptor closes."""
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
 
 
 def abort(transport: asyncio.BaseTransport) -> None:
@@ -190,9 +215,12 @@ async def _send_head(out: socket.socket, head: bytes, stall_timeout: float) -> N
     """The response's headers, on a TCP socket held back (MSG_MORE) to leave in one segment
     with the body's first bytes, as nginx's tcp_nopush does: a segment of their own cost the
     event loop a loopback delivery per NAR (9 % of its samples in a py-spy profile)."""
-    loop = asyncio.get_running_loop()
-    while head := head[_send_some(out, head, _head_flags(out)):]:
-        await _writable(loop, out.fileno(), stall_timeout)
+    room = _Room(out.fileno(), stall_timeout)
+    try:
+        while head := head[_send_some(out, head, _head_flags(out)):]:
+            await room.wait()
+    finally:
+        room.stop()
 
 
 async def _send_in_thread(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offset: int,
@@ -215,22 +243,26 @@ async def _send_steps(pool: ThreadPoolExecutor, sock_fd: int, file_fd: int, offs
                       count: int, stall_timeout: float) -> None:
     """Send `count` bytes from `offset`: steps whose pages are in memory in the event loop,
     the others in worker threads; waiting for room in the loop."""
-    loop = asyncio.get_running_loop()
+    room = _Room(sock_fd, stall_timeout)
     sent = 0
-    while sent < count:
-        at, left = offset + sent, count - sent
-        step = min(left, LOOP_STEP)
-        if _in_memory(file_fd, at + step - 1):
-            n = _send_step(sock_fd, file_fd, at, left)
-        else:
-            step, n = left, await _send_in_thread(pool, sock_fd, file_fd, at, left)
-        sent += n
-        if sent == count:
-            break
-        if n == step:  # the socket took a whole step and likely has room: others first, then on
-            await asyncio.sleep(0)
-        else:  # the client has not read what was sent yet
-            await _writable(loop, sock_fd, stall_timeout)
+    try:
+        while sent < count:
+            at, left = offset + sent, count - sent
+            step = min(left, LOOP_STEP)
+            if _in_memory(file_fd, at + step - 1):
+                n = _send_step(sock_fd, file_fd, at, left)
+            else:
+                room.stop()
+                step, n = left, await _send_in_thread(pool, sock_fd, file_fd, at, left)
+            sent += n
+            if sent == count:
+                break
+            if n == step:  # the socket took a whole step and likely has room: others first
+                await asyncio.sleep(0)
+            else:  # the client has not read what was sent yet
+                await room.wait()
+    finally:
+        room.stop()
 
 
 def duplicate(transport: asyncio.BaseTransport) -> socket.socket:
