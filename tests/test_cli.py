@@ -100,6 +100,13 @@ def test_verify_on_a_directory_that_is_not_a_store_is_a_usage_error(tmp_path: Pa
 
 # --- prewarm: interruption, cancel, failures -------------------------------------------------
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default, as a command started from a terminal has it. A suite started in
+    the background of a non-interactive shell (`make test &`) runs with SIGINT ignored; the CLI
+    would inherit that, and rightly keep it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _running_job(agent: AgentProcess, proc: subprocess.Popen) -> dict:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -118,7 +125,8 @@ def test_ctrl_c_leaves_the_job_running_and_it_can_be_followed_or_cancelled(
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "prewarm", "--store-path", big_path_closure.roots[0],
          "--pin", "--socket", str(agent.socket)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal)
     job = _running_job(agent, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
