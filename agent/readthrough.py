@@ -25,7 +25,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Protocol
 
 from agent import metrics
@@ -367,11 +366,11 @@ class NarHandle:
         return self.row.file_size
 
     @property
-    def path(self) -> Path | None:
+    def path(self) -> str | None:
         """The committed file, None while it is being fetched."""
         if self.transfer or self._uncached:
             return None
-        return self._owner.store.nar_path(self.row.file)
+        return self._owner.store.nar_file_path(self.row.file)
 
     def pieces(self) -> AsyncIterator[Span | bytes]:
         """A live transfer (or an uncached stream) as it arrives and is verified: spans of

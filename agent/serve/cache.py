@@ -8,7 +8,6 @@ nix32>.nar<ext>); anything else is 404 before any filesystem access.
 import contextlib
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 from aiohttp import web
 
@@ -92,7 +91,7 @@ def _unavailable(reason: str) -> web.Response:
 
 
 async def _send_committed(request: web.Request, sender: FileSender, handle: NarHandle,
-                          path: Path) -> web.StreamResponse:
+                          path: str) -> web.StreamResponse:
     try:
         resp, handle.served = await sender.send(request, path, NAR_TYPE)
     except (OSError, ClientStalled, EOFError) as e:

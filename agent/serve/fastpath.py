@@ -19,7 +19,6 @@ import os
 import re
 import socket
 import time
-from pathlib import Path
 
 from agent.logs import new_request_id
 from agent.nix.storepath import is_hash_part
@@ -79,7 +78,7 @@ def _plain_request(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     return plain[1], plain[2], request_id
 
 
-def _opened(path: Path) -> tuple[int, int] | None:
+def _opened(path: str) -> tuple[int, int] | None:
     """(descriptor, size) of a committed NAR's file; None when it is gone (lost: aiohttp's
     route forgets it and fetches it again). The open is the check: no stat before it."""
     try:

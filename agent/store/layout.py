@@ -52,9 +52,14 @@ class Layout:
         return self.root / f"{hash_part}.narinfo"
 
     def nar_path(self, name: str) -> Path:
+        return Path(self.nar_file_path(name))
+
+    def nar_file_path(self, name: str) -> str:
+        """A NAR file's path as a string: the serving path opens one per request, and building
+        a Path costs more than the open."""
         if not is_nar_file(name):
             raise ValueError(f"not a NAR file name: {name!r}")
-        return self.root / name
+        return f"{self.root}/{name}"
 
     def create(self) -> None:
         for d in (self.root, self.tmp, self.nar_dir, self.listing_dir):

@@ -77,14 +77,15 @@ class Recompressor:
         old = self.store.nar_row(file)
         if old is None or not old.committed or old.compression not in self.sources:
             return
+        source = self.store.nar_file_path(file)
         fd, tmp = self.store.new_temp()
         target = self.target
         try:
-            file_hash, size = self._encode(self.store.nar_path(file), old.compression, target, fd)
+            file_hash, size = self._encode(source, old.compression, target, fd)
             if target == "zstd" and size > old.nar_size * (1 - ZSTD_MIN_SAVING):
                 target = "none"
-                file_hash, size = self._encode(self.store.nar_path(file), old.compression,
-                                               target, os.open(tmp, os.O_WRONLY | os.O_TRUNC))
+                file_hash, size = self._encode(source, old.compression, target,
+                                               os.open(tmp, os.O_WRONLY | os.O_TRUNC))
             self._verify(tmp, old, target, file_hash, size)
             new_file = nar_file_name(file_hash, target)
             if self.store.nar_row(new_file) is None:
@@ -100,7 +101,7 @@ class Recompressor:
         log.info("re-encoded", extra={"fields": {"file": file, "as": new_file,
                                                  "bytes_before": old.file_size, "bytes": size}})
 
-    def _encode(self, source: os.PathLike, compression: str, target: str, fd: int) \
+    def _encode(self, source: str, compression: str, target: str, fd: int) \
             -> tuple[Hash, int]:
         step = Transcoder(compression, target, self.level)
         digest = hashlib.sha256()

@@ -120,8 +120,8 @@ class Store:
         never recorded (a full disk). It has its source, so it can be streamed again."""
         return self._uncached.get(file)
 
-    def nar_path(self, file: str) -> Path:
-        return self.layout.nar_path(file)
+    def nar_file_path(self, file: str) -> str:
+        return self.layout.nar_file_path(file)
 
     def nar_present(self, file: str) -> bool:
         return self.layout.nar_path(file).exists()

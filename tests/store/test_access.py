@@ -55,7 +55,7 @@ async def settled() -> None:
 async def test_opens_by_others_count_and_the_agents_own_do_not(store: Store) -> None:
     row = store.narinfo_row(HASH)
     assert row is not None
-    nar = store.nar_path(row.nar_file)
+    nar = Path(store.nar_file_path(row.nar_file))
     reads = DirectReads(store, grace=300)
     assert reads.start()
     try:
