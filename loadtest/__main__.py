@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 "options": {k: str(v) for k, v in vars(opts).items()},
                 "load_average": {"before": load_before, "after": os.getloadavg()},
                 "setup_seconds": round(setup_s, 1), "scenario_seconds": r.seconds,
-                "host_steal": r.steal,
+                "host_steal": r.steal, "host_steal_per_round": r.round_steal,
                 "total_seconds": round(time.monotonic() - started, 1)}
         report.write_json(args.json, r.out, meta)
         args.json.with_suffix(".md").write_text(report.markdown(r.out))

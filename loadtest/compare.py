@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from loadtest.procstat import StealMeter
+
 Verdict = Literal["met", "missed", "inconclusive"]
 CONFIDENCE = 0.95
 
@@ -102,20 +104,24 @@ class Sample:
 Variant = Callable[[], Sample | Awaitable[Sample]]
 
 
-async def interleave(variants: Mapping[str, Variant], repeats: int,
-                     warmup: bool = False) -> dict[str, list[Sample]]:
+async def interleave(variants: Mapping[str, Variant], repeats: int, warmup: bool = False,
+                     steal: list[float] | None = None) -> dict[str, list[Sample]]:
     """Run every variant once per round, in the given order, for `repeats` rounds; with
     `warmup`, after one unmeasured round (which reads each variant's files into the page
-    cache, as the later rounds find them)."""
+    cache, as the later rounds find them). `steal`, when given, gets the share of the machine's
+    CPU time its host took during each measured round: which rounds to distrust."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     out: dict[str, list[Sample]] = {name: [] for name in variants}
     for i in range(-1 if warmup else 0, repeats):
-        for name, run in variants.items():
-            result = run()
-            sample = await result if inspect.isawaitable(result) else result
-            if i >= 0:
-                out[name].append(sample)
+        with StealMeter() as meter:
+            for name, run in variants.items():
+                result = run()
+                sample = await result if inspect.isawaitable(result) else result
+                if i >= 0:
+                    out[name].append(sample)
+        if i >= 0 and steal is not None:
+            steal.append(round(meter.fraction, 4))
     return out
 
 

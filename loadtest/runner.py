@@ -8,13 +8,14 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest import closures
 from loadtest import load as ld
 from loadtest.closures import Caches, Environments, Profile
+from loadtest.compare import Sample, Variant, interleave
 from loadtest.procstat import StealMeter
 from loadtest.report import Measurement
 from tests.support.agent import AgentProcess
@@ -55,6 +56,9 @@ class Run:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each scenario
     steal: dict[str, float] = field(default_factory=dict)  # the host's share of CPU, each
+    # ... and in each round of each scenario's comparisons (`interleave`), by their labels
+    round_steal: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    scenario: str = ""  # the one running
 
     @property
     def keys(self) -> list[str]:
@@ -62,6 +66,13 @@ class Run:
 
     def add(self, m: Measurement) -> None:
         self.out.append(m)
+
+    async def interleave(self, variants: Mapping[str, Variant], warmup: bool = False,
+                         label: str = "") -> dict[str, list[Sample]]:
+        """compare.interleave for --repeats rounds, keeping each round's host steal under the
+        running scenario and `label` (which of its comparisons this is, if it has several)."""
+        rounds = self.round_steal.setdefault(self.scenario, {}).setdefault(label, [])
+        return await interleave(variants, self.opts.repeats, warmup, steal=rounds)
 
     def tmp(self, name: str) -> Path:
         """A fresh directory under the workdir (agent stores, tokens)."""
@@ -107,6 +118,24 @@ class Run:
         return agent
 
 
+def steal_notes(name: str, steal: float, rounds: dict[str, list[float]]) -> list[str]:
+    """What the host's steal says about a scenario's figures: over the whole scenario, and the
+    rounds of its comparisons (by label, numbered from 1) it disturbed."""
+    notes = []
+    if steal > STEAL_NOTE:
+        notes.append(f"{name}: the host took {steal:.0%} of this machine's CPU time (steal): "
+                     "its figures measure the neighbours as much as the servers; rerun when "
+                     "quiet")
+    disturbed = [f"{label} round {i} ({s:.1%})".lstrip()
+                 for label, steal_of in rounds.items()
+                 for i, s in enumerate(steal_of, 1) if s > STEAL_NOTE]
+    if disturbed:
+        total = sum(map(len, rounds.values()))
+        notes.append(f"{name}: host steal above {STEAL_NOTE:.0%} in {len(disturbed)} of "
+                     f"{total} rounds: {', '.join(disturbed)}")
+    return notes
+
+
 def _fresh_dir(parent: Path, name: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
@@ -138,14 +167,12 @@ async def run(opts: Options, envs: Environments, caches: Caches, scenarios: list
             for mode in opts.modes:
                 for s in scenarios:
                     started, name = time.monotonic(), f"{s.name} ({mode})"
+                    r.scenario = name
                     with StealMeter() as steal:
                         await s.run(r, mode)
                     r.seconds[name] = round(time.monotonic() - started, 1)
                     r.steal[name] = round(steal.fraction, 3)
-                    if steal.fraction > STEAL_NOTE:
-                        r.notes.append(f"{name}: the host took {steal.fraction:.0%} of this "
-                                       "machine's CPU time (steal): its figures measure the "
-                                       "neighbours as much as the servers; rerun when quiet")
+                    r.notes += steal_notes(name, steal.fraction, r.round_steal.get(name, {}))
                     done(r)
         finally:
             shutil.rmtree(opts.workdir / "tmp", ignore_errors=True)

@@ -18,7 +18,7 @@ from typing import TypeVar
 from loadtest import cluster
 from loadtest import load as ld
 from loadtest.baselines import Nginx
-from loadtest.compare import Sample, Target, Variant, cpu_per_request_us, interleave, values
+from loadtest.compare import Sample, Target, Variant, cpu_per_request_us, values
 from loadtest.http import Target as Server
 from loadtest.procstat import CpuMeter, HiccupMeter, RssSampler
 from loadtest.report import Measurement, percentiles
@@ -64,13 +64,13 @@ async def warm_start(r: Run, mode: str) -> None:
                                    "agent_requests": _agent_requests(agent) - before})
                 return one
 
-            res = await interleave({
+            res = await r.interleave({
                 "file": realise([f"file://{r.caches.uncompressed.resolve()}"], None, "file"),
                 "store": realise([store], None, "file:// agent store"),
                 "nginx": realise([nginx_url], nginx.pids, "nginx"),
                 "agent": realise([agent.url], agent_pids(agent), "agent HTTP"),
                 "overlay": realise([store, agent.url], agent_pids(agent), "overlay"),
-            }, r.opts.repeats, warmup=True)
+            }, warmup=True)
     finally:
         r.stop(agent)
     _warm_start_rows(r, mode, res)
@@ -153,7 +153,7 @@ async def cold_start(r: Run, mode: str) -> None:
         r.check(c, f"cold start through a cold agent ({mode})")
         return Sample(c.wall_s, cpu.seconds, len(ml.paths), {"client_cpu_s": c.client_cpu_s})
 
-    res = await interleave({"direct": direct, "agent": through_agent}, r.opts.repeats)
+    res = await r.interleave({"direct": direct, "agent": through_agent})
     r.add(Measurement("cold start", "ml: through a cold agent", values(res["agent"]), "s",
                       better="lower", transport="tcp", recompress=mode,
                       baseline_name="direct from upstream",
@@ -206,7 +206,7 @@ async def narinfo(r: Run, mode: str) -> None:
                         ld.storm_concurrent(t, hashes, conns, secs)))
                     variants[f"ol {who}"] = _storm(pids, lambda t=target: (
                         ld.storm_open_loop(t, hashes, rate, secs)), hiccups=True)
-                res = await interleave(variants, r.opts.repeats)
+                res = await r.interleave(variants, label=ours.transport)
                 _narinfo_rows(r, mode, ours.transport, res)
     finally:
         r.stop(agent)
@@ -275,7 +275,7 @@ async def throughput(r: Run, mode: str) -> None:
                             pids, lambda t=target, c=conns: ld.nar_throughput(
                                 t, files, c, r.opts.throughput_seconds),
                             lambda m: m.bytes_per_s, lambda m: m.passes * len(files))
-                res = await interleave(variants, r.opts.repeats)
+                res = await r.interleave(variants, label=ours.transport)
                 _throughput_rows(r, mode, ours.transport, res, len(files))
     finally:
         r.stop(agent)
@@ -327,11 +327,11 @@ async def clients(r: Run, mode: str) -> None:
         return live[-1].url
 
     try:
-        res = await interleave({
+        res = await r.interleave({
             "direct": realise("direct", lambda: r.up.url),
             "cold agent": realise("cold agent", fresh_agent_url),
             "warm agent": realise("warm agent", lambda: live[-1].url),
-        }, r.opts.repeats)
+        })
     finally:
         for agent in live:
             r.stop(agent)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from loadtest import procstat
 from loadtest.compare import (
     Sample,
     Spread,
@@ -21,6 +22,7 @@ from loadtest.compare import (
 )
 from loadtest.procstat import CpuMeter, HiccupMeter, StealMeter, cpu_seconds, host_ticks
 from loadtest.report import Measurement, fmt_spread, markdown
+from loadtest.runner import steal_notes
 
 AT_MOST_1_1 = Target("<=", 1.1, on_ratio=True)
 AT_LEAST_0_7 = Target(">=", 0.7, on_ratio=True)
@@ -99,6 +101,25 @@ def test_interleave_runs_the_variants_in_rounds() -> None:
     assert calls == ["A", "B"] * 3
     assert [s.value for s in res["A"]] == [3, 5]
     assert [s.value for s in res["B"]] == [104, 106]
+
+
+def test_interleave_gives_the_host_steal_of_each_measured_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round's share of the machine's CPU time the host took, from /proc/stat's ticks
+    (faked here: a variant of the second measured round is descheduled)."""
+    ticks = [0, 0]  # steal, total
+    monkeypatch.setattr(procstat, "host_ticks", lambda: (ticks[0], ticks[1]))
+    rounds = iter(range(100))
+
+    def run() -> Sample:
+        stolen = 30 if next(rounds) == 4 else 0  # warm-up A B, A B, then A (stolen) B, A B
+        ticks[0] += stolen
+        ticks[1] += 100
+        return Sample(1.0)
+
+    steal: list[float] = []
+    asyncio.run(interleave({"A": run, "B": run}, 3, warmup=True, steal=steal))
+    assert steal == [0.0, 0.15, 0.0]
 
 
 def test_ratios_pair_each_sample_with_the_baseline_of_its_round() -> None:
@@ -198,3 +219,13 @@ def test_the_hiccup_meter_sees_a_process_the_machine_did_not_run() -> None:
     assert len(meter.late_ms) > 20  # one value per 1 ms sleep
     assert max(meter.late_ms) >= 80
     assert sorted(meter.late_ms)[len(meter.late_ms) // 2] < 50  # the others were not stopped
+
+
+def teststeal_notes_name_the_disturbed_rounds() -> None:
+    assert steal_notes("narinfo (zstd)", 0.01, {"tcp": [0.0, 0.01], "unix": [0.02, 0.0]}) == []
+    notes = steal_notes("narinfo (zstd)", 0.05, {"tcp": [0.0, 0.12], "unix": [0.04, 0.0]})
+    assert notes[0].startswith("narinfo (zstd): the host took 5% of this machine's CPU time")
+    assert notes[1] == ("narinfo (zstd): host steal above 3% in 2 of 4 rounds: tcp round 2 "
+                        "(12.0%), unix round 1 (4.0%)")
+    assert steal_notes("warm start (none)", 0.0, {"": [0.0, 0.0, 0.2]}) == [
+        "warm start (none): host steal above 3% in 1 of 3 rounds: round 3 (20.0%)"]

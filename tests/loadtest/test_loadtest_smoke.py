@@ -185,3 +185,7 @@ def test_one_scenario_runs_alone(tmp_path: Path) -> None:
     # the host's share of the CPU during the scenario, for a reader to judge the figures by
     assert list(doc["host_steal"]) == ["throughput (zstd)"]
     assert 0 <= doc["host_steal"]["throughput (zstd)"] <= 1
+    # ... and during each round of each of its comparisons (one per transport, one round each)
+    rounds = doc["host_steal_per_round"]["throughput (zstd)"]
+    assert sorted(rounds) == ["tcp", "unix"]
+    assert all(len(r) == 1 and 0 <= r[0] <= 1 for r in rounds.values())
