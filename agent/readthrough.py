@@ -366,11 +366,15 @@ class NarHandle:
         return self.row.file_size
 
     @property
-    def path(self) -> str | None:
-        """The committed file, None while it is being fetched."""
-        if self.transfer or self._uncached:
-            return None
-        return self._owner.store.nar_file_path(self.row.file)
+    def committed(self) -> bool:
+        """The NAR is a file of the store (not a transfer or a stream)."""
+        return self.transfer is None and self._uncached is None
+
+    def open(self) -> tuple[int, int]:
+        """(a descriptor of the committed file, which the caller closes, its size); OSError
+        when the file is gone. Opened in the event loop, as nginx does: the store's directories
+        are few and hot, and a thread hand-off per request cost more CPU than the open."""
+        return self._owner.store.open_nar(self.row.file)
 
     def pieces(self) -> AsyncIterator[Span | bytes]:
         """A live transfer (or an uncached stream) as it arrives and is verified: spans of

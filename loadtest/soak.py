@@ -9,8 +9,9 @@ over the Unix socket, half over TCP) that loop for the duration: fetch a narinfo
 Every NAR body is checked against the narinfo's FileHash.
 
 Checks, each failing the run (exit 1): no errors besides the expected 404s; no leaked file
-descriptors in the agent (/proc/<pid>/fd before and after, small slack); nothing left in
-<store>/.tmp; the agent's peak RSS (VmHWM) under --max-rss-mb.
+descriptors in the agent (/proc/<pid>/fd before and after, small slack; the upstream
+connection pool and the NAR files the store keeps open, one descriptor each, are bounded
+pools); nothing left in <store>/.tmp; the agent's peak RSS (VmHWM) under --max-rss-mb.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import aiohttp
 
 from agent.nix import narinfo
 from agent.nix.hashes import Hash
+from agent.store.openfiles import MAX_OPEN_FILES
 from tests.support.agent import AgentProcess
 from tests.support.nixenv import build_closure, hash_part, make_keypair, publish
 from tests.support.upstream import UpstreamServer
@@ -105,6 +107,23 @@ def fd_kinds(pid: int, upstream_port: int) -> dict[str, int]:
             kind = "upstream"
         kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
+
+
+def _kept_nars(kinds: dict[str, int]) -> dict[str, int]:
+    """The NAR files among `kinds`: once the clients are done, those the store keeps open."""
+    return {kind: n for kind, n in kinds.items() if "/nar/" in kind}
+
+
+def _pooled(kinds: dict[str, int]) -> int:
+    """Descriptors of bounded pools: upstream connections, NAR files kept open."""
+    return kinds.get("upstream", 0) + sum(_kept_nars(kinds).values())
+
+
+def _kept_open_within_bounds(kinds: dict[str, int]) -> bool:
+    """One descriptor per kept NAR file (a request's own duplicate left open would be a
+    second), and no more files than the store keeps."""
+    kept = _kept_nars(kinds)
+    return all(n == 1 for n in kept.values()) and len(kept) <= MAX_OPEN_FILES
 
 
 def _proc(pid: int) -> tuple[int, int]:
@@ -230,9 +249,10 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     report["checks"] = {
         "no_errors": not stats.errors and stats.requests > 0,
         # Kept-alive upstream connections are a bounded pool, not a leak; all else must return.
-        "no_fd_leak": (fds_after - kinds_after.get("upstream", 0)
-                       <= fds_before - kinds_before.get("upstream", 0) + args.fd_slack)
-        and kinds_after.get("upstream", 0) <= UPSTREAM_POOL_LIMIT,
+        "no_fd_leak": (fds_after - _pooled(kinds_after)
+                       <= fds_before - _pooled(kinds_before) + args.fd_slack)
+        and kinds_after.get("upstream", 0) <= UPSTREAM_POOL_LIMIT
+        and _kept_open_within_bounds(kinds_after),
         "no_tmp_files": not leftovers,
         "rss_bounded": hwm_kb / 1024 <= args.max_rss_mb,
         # Each NAR came from upstream once, however many clients asked (coalescing).

@@ -7,6 +7,7 @@ nix32>.nar<ext>); anything else is 404 before any filesystem access.
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 
 from aiohttp import web
@@ -62,8 +63,8 @@ def routes(readthrough: ReadThrough, sender: FileSender, cache_info: Callable[[]
         except Unavailable as e:
             return _unavailable(str(e))
         async with handle:
-            if handle.path is not None:
-                return await _send_committed(request, sender, handle, handle.path)
+            if handle.committed:
+                return await _send_committed(request, sender, handle)
             if request.method == "HEAD":
                 return web.Response(headers=_nar_headers(handle.size))
             return await _stream(request, handle, sender)
@@ -90,10 +91,14 @@ def _unavailable(reason: str) -> web.Response:
                         headers={"Retry-After": "5"})
 
 
-async def _send_committed(request: web.Request, sender: FileSender, handle: NarHandle,
-                          path: str) -> web.StreamResponse:
+async def _send_committed(request: web.Request, sender: FileSender, handle: NarHandle) \
+        -> web.StreamResponse:
     try:
-        resp, handle.served = await sender.send(request, path, NAR_TYPE)
+        fd, size = handle.open()
+        try:
+            resp, handle.served = await sender.send(request, fd, size, NAR_TYPE)
+        finally:
+            os.close(fd)
     except (OSError, ClientStalled, EOFError) as e:
         log.info("local nar send aborted", extra={"fields": {"file": handle.row.file,
                                                             "error": str(e)}})

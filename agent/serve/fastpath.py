@@ -25,7 +25,6 @@ from agent.nix.storepath import is_hash_part
 from agent.readthrough import NarHandle, ReadThrough
 from agent.serve.observe import Answers
 from agent.serve.sendfile import ClientStalled, FileSender, send_ready
-from agent.store import access
 from agent.store.layout import is_nar_file
 
 log = logging.getLogger(__name__)
@@ -76,20 +75,6 @@ def _plain_request(data: bytes) -> tuple[bytes, bytes, bytes] | None:
         elif name != b"connection" or value.lower() != b"keep-alive":
             return None
     return plain[1], plain[2], request_id
-
-
-def _opened(path: str) -> tuple[int, int] | None:
-    """(descriptor, size) of a committed NAR's file; None when it is gone (lost: aiohttp's
-    route forgets it and fetches it again). The open is the check: no stat before it."""
-    try:
-        fd = access.open_fd(path)
-    except OSError:
-        return None
-    try:
-        return fd, os.fstat(fd).st_size
-    except OSError:
-        os.close(fd)
-        return None
 
 
 class NarSend:
@@ -174,12 +159,13 @@ class Hits:
 
     def _nar(self, file: str, request_id: bytes, start: float) -> NarSend | None:
         handle = self._readthrough.local_nar(file) if is_nar_file(file) else None
-        if handle is None or (path := handle.path) is None:
+        if handle is None:
             return None  # not committed here: aiohttp's route reads it through
-        opened = _opened(path)
-        if opened is None:
+        try:
+            fd, size = handle.open()  # the open is the check: no stat before it
+        except OSError:
             return None  # lost: aiohttp's route forgets it and fetches it again
-        return NarSend(self, handle, *opened, request_id or new_request_id().encode(), start)
+        return NarSend(self, handle, fd, size, request_id or new_request_id().encode(), start)
 
     def _narinfo(self, method: bytes, target: bytes, request_id: bytes, start: float) \
             -> bytes | None:

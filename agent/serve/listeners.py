@@ -41,6 +41,7 @@ from agent import metrics
 from agent.config import Config, ConfigError
 from agent.serve.fastpath import Hits, NarSend
 from agent.serve.sendfile import abort, duplicate
+from agent.store.openfiles import open_files_budget
 from agent.upstream.client import CONNECTIONS_PER_UPSTREAM
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 # A connection quiet for this long may be closed to make room. A fresh one is spared: its
 # request may be waiting in the kernel's buffer, not yet read, during a burst.
 EVICTABLE_AFTER = 1.0
-# Descriptors per connection of the cap: its socket, a NAR file, the socket's duplicate (kept
-# from its first NAR on), and room for as many refused connections lingering (see
+# Descriptors per connection of the cap: its socket, one of the NAR it sends, the socket's
+# duplicate (kept from its first NAR on), and room for as many refused connections lingering (see
 # Listener._refuse).
 FDS_PER_CONNECTION = 4
 LINGER = 2.0
@@ -95,10 +96,12 @@ def raise_open_files_limit() -> int:
 def prepare_limits(config: Config) -> tuple[Limits, Limits]:
     """(each cache listener's limits, the metrics listener's), after raising the open-file
     limit: the caps are lowered so that both cache listeners full still leave descriptors for
-    the metrics listener, the upstream connections and the rest of the agent."""
+    the metrics listener, the upstream connections, the NAR files the store keeps open and the
+    rest of the agent."""
     open_files = raise_open_files_limit()
     wanted = Limits(config.max_connections, config.header_timeout, config.keepalive_timeout)
-    reserved = (RESERVED_FDS + CONNECTIONS_PER_UPSTREAM * len(config.upstreams)
+    reserved = (RESERVED_FDS + open_files_budget(open_files)
+                + CONNECTIONS_PER_UPSTREAM * len(config.upstreams)
                 + METRICS_LIMITS.max_connections  # a probe or scrape holds only its socket
                 + (FDS_PER_CONNECTION * PEER_MAX_CONNECTIONS if config.peer_listen else 0))
     room = (open_files - reserved) // (2 * FDS_PER_CONNECTION)

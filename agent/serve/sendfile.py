@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from agent import metrics
-from agent.store import access
 
 # Threads copy only while a client's socket has room; waiting for a client happens in the event
 # loop, so clients that stop reading hold no thread.
@@ -309,17 +308,6 @@ class FileSender:
     def close(self) -> None:
         self._send_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def send(self, request: web.Request, path: str, content_type: str) \
-            -> tuple[web.StreamResponse, int]:
-        """Send `path` (honouring Range); returns the response and the body bytes sent."""
-        # Opened in the event loop, as nginx does: the store's directories are few and hot, and
-        # a thread hand-off per request cost more CPU than the open.
-        fd = access.open_fd(path)
-        try:
-            return await self._send_open(request, fd, content_type)
-        finally:
-            os.close(fd)
-
     async def send_body(self, transport: asyncio.Transport, fd: int, offset: int,
                         count: int, out: socket.socket | None = None, head: bytes = b"") -> None:
         """Send `head` (headers the caller did not write to `transport`) and `count` bytes of
@@ -351,9 +339,10 @@ class FileSender:
             raise ConnectionResetError("client went away")
         await self.send_body(request.transport, fd, offset, count)
 
-    async def _send_open(self, request: web.Request, fd: int, content_type: str) \
+    async def send(self, request: web.Request, fd: int, size: int, content_type: str) \
             -> tuple[web.StreamResponse, int]:
-        size = os.fstat(fd).st_size
+        """Send the `size` bytes of open file `fd` (honouring Range); returns the response and
+        the body bytes sent."""
         span = _byte_range(request, size)
         start, stop = span or (0, size)
         resp = web.StreamResponse(status=206 if span else 200, headers={

@@ -33,11 +33,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent import metrics
 from agent.nix.nix32 import ALPHABET
-from agent.store.store import Store
+
+if TYPE_CHECKING:  # the store opens its files through open_fd
+    from agent.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,7 @@ def _os_error(call: str) -> OSError:
 class DirectReads:
     """Watches the store for opens by others; `recently_opened` is what eviction must keep."""
 
-    def __init__(self, store: Store, grace: float,
+    def __init__(self, store: "Store", grace: float,
                  on_nar_read: Callable[[int], None] = lambda nbytes: None) -> None:
         self.store = store
         self.grace = grace

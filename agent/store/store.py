@@ -21,6 +21,7 @@ from agent.nix.narinfo import NarInfo, file_fields
 from agent.store.commit import clear_temp_files, new_temp, publish, recover, write_atomic
 from agent.store.index import Index, NarInfoRow, NarRow, PathFields
 from agent.store.layout import Layout, nar_file_name
+from agent.store.openfiles import OpenFiles
 from agent.store.pins import Pins
 from agent.store.rebuild import open_index
 from agent.store.space import Space, out_of_space, overhead_bytes
@@ -51,6 +52,7 @@ class Store:
         self.priority = priority
         self._pool = ThreadPoolExecutor(max_workers=IO_WORKERS, thread_name_prefix="fnc-io")
         self._uncached: OrderedDict[str, NarRow] = OrderedDict()
+        self._open_files = OpenFiles()
         # Only the process that recovered the store owns its temporary files.
         self._owns_temp_files = recover_on_open
         if recover_on_open and not self.read_only:
@@ -93,6 +95,7 @@ class Store:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._open_files.close()
         self._index.close()
         if self._owns_temp_files:
             for leftover in self.layout.tmp.iterdir():
@@ -122,6 +125,11 @@ class Store:
 
     def nar_file_path(self, file: str) -> str:
         return self.layout.nar_file_path(file)
+
+    def open_nar(self, file: str) -> tuple[int, int]:
+        """(a descriptor of a committed NAR's file, which the caller closes, its size), from
+        the files kept open (store/openfiles.py). Raises OSError when the file is gone."""
+        return self._open_files.open(self.layout.nar_file_path(file))
 
     def nar_present(self, file: str) -> bool:
         return self.layout.nar_path(file).exists()
@@ -313,7 +321,7 @@ class Store:
         for hash_part in hashes:
             self.layout.narinfo(hash_part).unlink(missing_ok=True)
         for file in files:
-            self.layout.nar_path(file).unlink(missing_ok=True)
+            self._unlink_nar(file)
         for row in rows:
             if not self._index.has_nar_hash(row.nar_hash):
                 self.layout.listing(row.nar_hash).unlink(missing_ok=True)
@@ -322,7 +330,12 @@ class Store:
     def _unlink_entry(self, file: str, narinfos: list[str]) -> None:
         for hash_part in narinfos:
             self.layout.narinfo(hash_part).unlink(missing_ok=True)
-        self.layout.nar_path(file).unlink(missing_ok=True)
+        self._unlink_nar(file)
+
+    def _unlink_nar(self, file: str) -> None:
+        path = self.layout.nar_file_path(file)
+        Path(path).unlink(missing_ok=True)
+        self._open_files.forget(path)  # its space is freed now, not when it leaves the cache
 
     def read_listing(self, hash_part: str) -> bytes | None:
         """The `.ls` listing of a committed store path, if the store has one (blocking)."""

@@ -369,9 +369,14 @@ def test_a_client_gone_mid_nar_leaves_the_agent_serving(
 def test_connections_that_were_sent_nars_leave_no_descriptor_behind(
         agent: AgentProcess, small_closure: Closure, big_path_closure: Closure) -> None:
     """Each connection keeps a duplicate of its socket from its first NAR on, and a NAR's file
-    is open while it is sent: all of them are closed however the connection ends."""
+    is open while it is sent: all of them are closed however the connection ends. (The store
+    keeps one descriptor per file sent, store/openfiles.py: both are sent once before.)"""
     small_narinfo, small_nar = _commit(agent, hash_part(small_closure.roots[0]))
     big_narinfo, big_nar = _commit(agent, hash_part(big_path_closure.roots[0]))
+    for narinfo, nar in ((small_narinfo, small_nar), (big_narinfo, big_nar)):
+        with _connect(agent) as s:
+            s.sendall(_get(_nar_url(narinfo)))
+            assert _read_response(s, bytearray())[2] == nar
     time.sleep(0.5)  # the agent has seen those connections close
     before = agent.open_files()
     for n in range(12):
