@@ -2,8 +2,8 @@
 
 aiohttp bounds neither how many connections a listener holds nor how long a client may take to
 send its request headers, so a thousand idle sockets or a slowloris use up the process's file
-descriptors and take every listener down together. Here each connection's aiohttp protocol is
-wrapped:
+descriptors and take every listener down together. Here each connection has a protocol of its
+own, which makes aiohttp's only for a request the fast path declines:
 
 - a connection must complete its request headers within `header_timeout` of connecting (or of
   the first byte of a later request) and may sit idle between requests for `keepalive_timeout`;
@@ -132,9 +132,10 @@ class Listener:
         self.fast = fast
         self.sockets = [sock]
         self.loop = asyncio.get_running_loop()
-        self.open: dict[RequestHandler, _Connection] = {}  # oldest first
+        self.open: dict[_Connection, None] = {}  # oldest first
         self._sock = sock
         self._make_handler = server
+        self._handled: dict[RequestHandler, _Connection] = {}  # connections aiohttp serves
         self._resume: asyncio.TimerHandle | None = None
         self.refused: dict[socket.socket, asyncio.TimerHandle] = {}  # lingering, oldest first
         self._starting: set[asyncio.Task] = set()
@@ -143,7 +144,7 @@ class Listener:
         handle = server.request_handler
 
         async def tracked(request: web.BaseRequest) -> web.StreamResponse:
-            conn = self.open.get(request.protocol)
+            conn = self._handled.get(request.protocol)
             return await (handle(request) if conn is None else conn.run_request(request, handle))
 
         # Read by each RequestHandler when it is made, so this sees every request.
@@ -152,11 +153,15 @@ class Listener:
         self.loop.add_reader(sock, self._accept)
 
     def close(self) -> None:
-        """Stop accepting (what aiohttp's site calls on its server)."""
+        """Stop accepting (what aiohttp's site calls on its server), and close the connections
+        aiohttp does not know of (it closes its own at shutdown)."""
         self._pause(None)
         self._sock.close()
         for client in list(self.refused):
             self._end_refusal(client)
+        for conn in list(self.open):
+            if conn.handler is None:
+                conn.stop()
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -213,8 +218,8 @@ class Listener:
     def _attach(self, client: socket.socket) -> None:
         if client.family != socket.AF_UNIX:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Connection(self, self._make_handler())
-        self.open[conn.handler] = conn
+        conn = _Connection(self)
+        self.open[conn] = None
         self._gauge.inc()
         self._starting.add(self.loop.create_task(self._start(conn, client)))
 
@@ -244,15 +249,24 @@ class Listener:
     def _make_room(self) -> bool:
         """Close the oldest connection without a running request, unless all are fresh."""
         quiet_since = self.loop.time() - EVICTABLE_AFTER
-        for conn in self.open.values():
+        for conn in self.open:
             if not conn.busy and conn.since <= quiet_since:
                 conn.close("evicted")
                 return True
         return False
 
+    def handler_for(self, conn: "_Connection") -> RequestHandler:
+        """aiohttp's protocol for `conn`, whose requests then reach `tracked`."""
+        handler = self._make_handler()
+        self._handled[handler] = conn
+        return handler
+
     def forget(self, conn: "_Connection", reason: str | None = None) -> None:
-        if self.open.pop(conn.handler, None) is None:
+        if conn not in self.open:
             return
+        del self.open[conn]
+        if conn.handler is not None:
+            self._handled.pop(conn.handler, None)
         self._gauge.dec()
         if reason:
             self._closed[reason].inc()
@@ -269,11 +283,14 @@ async def _written(request: web.BaseRequest, resp: web.StreamResponse) -> None:
 
 
 class _Connection(asyncio.Protocol):
-    """aiohttp's protocol for one connection, with a deadline whenever no request runs."""
+    """One connection, with a deadline whenever no request runs. Its requests go to the fast
+    path first, and to aiohttp's protocol, made for the first one the fast path declines: a
+    node's Nix asks mostly for hits, and most connections never need one (making one, with its
+    task and socket options, cost more than the hits a connection asks for)."""
 
-    def __init__(self, listener: Listener, handler: RequestHandler) -> None:
+    def __init__(self, listener: Listener) -> None:
         self.listener = listener
-        self.handler = handler
+        self.handler: RequestHandler | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.busy = 0  # requests aiohttp is handling or answering (one at a time)
@@ -292,9 +309,17 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.handler.connection_made(transport)
         if self.closed:  # closed while it was being set up
             self.transport.abort()
+
+    def _aiohttp(self) -> RequestHandler:
+        if self.handler is None:
+            assert self.transport is not None
+            self.handler = self.listener.handler_for(self)
+            self.handler.connection_made(self.transport)
+            if not self.writing:
+                self.handler.pause_writing()
+        return self.handler
 
     def data_received(self, data: bytes) -> None:
         if self._sending is not None:
@@ -310,7 +335,7 @@ class _Connection(asyncio.Protocol):
             self.receiving = True  # a request has begun: its headers are due soon
             deadline = self.listener.loop.time() + self.listener.limits.header_timeout
             self._expire_at(min(self.expires, deadline), "header_timeout")
-        self.handler.data_received(data)
+        self._aiohttp().data_received(data)
 
     async def run_request(self, request: web.BaseRequest,
                           handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]) \
@@ -399,15 +424,17 @@ class _Connection(asyncio.Protocol):
             self._out = None
 
     def eof_received(self) -> bool | None:
-        return self.handler.eof_received()
+        return None if self.handler is None else self.handler.eof_received()
 
     def pause_writing(self) -> None:
         self.writing = False
-        self.handler.pause_writing()
+        if self.handler is not None:
+            self.handler.pause_writing()
 
     def resume_writing(self) -> None:
         self.writing = True
-        self.handler.resume_writing()
+        if self.handler is not None:
+            self.handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -419,7 +446,8 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.listener.forget(self)
-        self.handler.connection_lost(exc)
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
 
     def request_done(self) -> None:
         self.busy -= 1
@@ -432,6 +460,13 @@ class _Connection(asyncio.Protocol):
             return
         self.since = self.listener.loop.time()
         self._expire_at(self.since + self.listener.limits.keepalive_timeout, "idle_timeout")
+
+    def stop(self) -> None:
+        """The listener stops: close once what the transport holds is out (a NAR the fast path
+        is sending is cut off, as aiohttp's shutdown cuts off its own)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
     def close(self, reason: str) -> None:
         self.closed = True

@@ -4,6 +4,7 @@ intact, on connections that mix both, keep alive, pipeline or stall."""
 
 import re
 import select
+import signal
 import socket
 import time
 import urllib.request
@@ -364,6 +365,26 @@ def test_a_client_gone_mid_nar_leaves_the_agent_serving(
         assert _read_response(s, buf)[2] == nar
     assert "nar send failed" not in agent.logs()
     assert "Traceback" not in agent.logs()
+
+
+def test_the_agent_stops_cleanly_with_open_connections_whoever_answered_them(
+        agent: AgentProcess, small_closure: Closure) -> None:
+    """aiohttp closes the connections it has a protocol for when it shuts down; the listener
+    closes those the fast path alone answered, which aiohttp never heard of."""
+    h = hash_part(small_closure.roots[0])
+    _commit(agent, h)
+    hits, served = _connect(agent), _connect(agent)
+    hits.sendall(_get(f"/{h}.narinfo"))
+    assert _read_response(hits, bytearray())[0] == 200
+    served.sendall(_get("/nix-cache-info"))
+    assert _read_response(served, bytearray())[0] == 200
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGTERM)
+    for s in (hits, served):
+        s.settimeout(10)
+        assert s.recv(1) == b""
+    assert agent.proc.wait(20) == 0
+    assert "Traceback" not in agent.logs() and "unclosed" not in agent.logs()
 
 
 def test_connections_that_were_sent_nars_leave_no_descriptor_behind(
