@@ -1,6 +1,8 @@
-"""A real size-limited tmpfs for the disk-full tests, and a way to fill it."""
+"""Store test helpers: a real size-limited tmpfs for the disk-full tests and a way to fill it,
+the index's lock held by another thread, and a NAR committed as a Transfer commits one."""
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import threading
@@ -9,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.store.index import Index
+from agent.nix.hashes import Hash
+from agent.nix.narinfo import NarInfo
+from agent.store.index import Index, NarInfoRow
+from agent.store.store import Store
 
 
 @pytest.fixture
@@ -62,3 +67,15 @@ def held_by_a_worker(index: Index) -> Iterator[None]:
     finally:
         release.set()
         thread.join()
+
+
+def commit(store: Store, info: NarInfo, packed: bytes,
+           listing: bytes | None = None) -> NarInfoRow:
+    """Record `info` and commit `packed` as its NAR's file, as a Transfer does: its narinfo."""
+    row = store.remember(info, "http://up/")
+    fd, tmp = store.new_temp()
+    with open(fd, "wb") as f:
+        f.write(packed)
+    store.commit_nar(tmp, row.nar_file, Hash("sha256", hashlib.sha256(packed).digest()),
+                     len(packed), listing=listing)
+    return row

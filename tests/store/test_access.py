@@ -20,6 +20,7 @@ from agent.nix.storepath import StorePath
 from agent.store import access
 from agent.store.access import DirectReads
 from agent.store.store import Store
+from tests.store.conftest import commit
 
 HASH = "a" * 32
 
@@ -32,12 +33,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
     packed = lzma.compress(nar)
     info = NarInfo(store_path=StorePath(HASH, "p"), url="nar/x.nar.xz", compression="xz",
                    nar_hash=Hash("sha256", hashlib.sha256(nar).digest()), nar_size=len(nar))
-    row = store.remember(info, "http://up/")
-    fd, tmp = store.new_temp()
-    with open(fd, "wb") as f:
-        f.write(packed)
-    store.commit_nar(tmp, row.nar_file, Hash("sha256", hashlib.sha256(packed).digest()),
-                     len(packed))
+    commit(store, info, packed)
     yield store
     store.close()
 

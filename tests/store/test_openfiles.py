@@ -14,6 +14,7 @@ from agent.nix.storepath import StorePath
 from agent.store import access, openfiles
 from agent.store.openfiles import OpenFiles, open_files_budget
 from agent.store.store import Store
+from tests.store.conftest import commit
 
 
 @pytest.fixture
@@ -108,13 +109,7 @@ def _commit(store: Store, hash_part: str, packed: bytes) -> str:
     info = NarInfo(store_path=StorePath(hash_part, "p"), url=f"nar/{hash_part}.nar",
                    compression="none", nar_hash=Hash("sha256", hashlib.sha256(packed).digest()),
                    nar_size=len(packed))
-    row = store.remember(info, "http://up/")
-    fd, tmp = store.new_temp()
-    with open(fd, "wb") as f:
-        f.write(packed)
-    store.commit_nar(tmp, row.nar_file, Hash("sha256", hashlib.sha256(packed).digest()),
-                     len(packed))
-    return row.nar_file
+    return commit(store, info, packed).nar_file
 
 
 @pytest.fixture

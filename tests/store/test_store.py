@@ -11,7 +11,7 @@ from agent.nix.narinfo import parse as parse_narinfo
 from agent.nix.storepath import StorePath
 from agent.store.index import NarInfoRow
 from agent.store.store import Store
-from tests.store.conftest import held_by_a_worker
+from tests.store.conftest import commit, held_by_a_worker
 
 
 def _info(hash_char: str, nar: bytes) -> NarInfo:
@@ -27,13 +27,7 @@ PACKED = lzma.compress(NAR)
 
 def _fetched(store: Store, hash_char: str, listing: bytes | None = None) -> NarInfoRow:
     """The narinfo of a path whose (xz) NAR was fetched and committed, as a Transfer does."""
-    row = store.remember(_info(hash_char, NAR), "http://up/")
-    fd, tmp = store.new_temp()
-    with open(fd, "wb") as f:
-        f.write(PACKED)
-    store.commit_nar(tmp, row.nar_file, Hash("sha256", hashlib.sha256(PACKED).digest()),
-                     len(PACKED), listing=listing)
-    return row
+    return commit(store, _info(hash_char, NAR), PACKED, listing)
 
 
 def test_a_second_narinfo_for_a_committed_nar_gets_its_real_file_fields(tmp_path: Path) -> None:
