@@ -257,7 +257,7 @@ class Store:
         try:
             self._index.mark_nar_committed(file, file_size, file_hash)
         except sqlite3.OperationalError as e:
-            self.layout.nar_path(file).unlink()  # not vouched for: it must not stay
+            self._unlink_nar(file)  # not vouched for: it must not stay
             if not out_of_space(e):
                 raise
             self.set_disk_full(True, file_size)
